@@ -129,6 +129,9 @@ def setup_distributed(sp=0):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    sp = sp or world
+    if world % sp:
+        raise SystemExit(f"--sp {sp} does not divide the world size {world}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -136,9 +139,6 @@ def setup_distributed(sp=0):
     elif world == 1 and device.type == "cuda" and not dist.is_initialized():
         # FSDP2 wants a process group even for one GPU (it keeps fp32 master weights sharded)
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    sp = sp or world
-    if world % sp:
-        raise SystemExit(f"--sp {sp} does not divide the world size {world}")
     dp_rank = rank // sp
     SP_GROUP = None
     if sp > 1:
@@ -793,6 +793,24 @@ def dpo_reference(cfg, env, policy, data):
     return ref
 
 
+def accumulate(cfg, env, policy, data, indices, accum, ref=None):
+    """Forward and backward of this dp group's records of one step, one packed sequence per micro-step.
+    Returns the summed metrics and the number of tokens processed."""
+    sums, tokens = {}, 0
+    for i in indices:
+        rec, packed = data[i]
+        loss, m = record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device,
+                              ref[str(i)] if ref is not None else None)
+        # FSDP averages gradients over all `world` ranks, but the sp ranks of a group hold parts of one
+        # sequence, whose gradients must be summed: scaling by sp turns the average into sum-over-sp,
+        # mean-over-dp. (Adam is blind to a constant factor; the gradient norm and SGD are not.)
+        (loss * env.sp / accum).backward()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        tokens += packed["input_ids"].numel()
+    return sums, tokens
+
+
 def train(cfg):
     env = setup_distributed(cfg.sp)
     torch.manual_seed(cfg.seed)
@@ -828,25 +846,21 @@ def train(cfg):
         start = load_train_state(checkpoints(cfg.out)[-1], policy, optimizer)
         print0(f"resumed from {checkpoints(cfg.out)[-1]} at step {start}")
     ref = dpo_reference(cfg, env, policy, data) if cfg.loss == "dpo" else None
-    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if env.master else None
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics_file = open(metrics_path, "a") if env.master else None
 
     for step in range(start, len(steps)):
         t0 = time.time()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # batch: this dp group's records of the step, one packed sequence per micro-step
-        sums, tokens = {}, 0
-        for i in steps[step][env.dp_rank::env.dp]:
-            rec, packed = data[i]
-            # forward, loss, backward. FSDP averages gradients over all `world` ranks; the sp ranks of a group
-            # hold parts of one sequence whose gradients must be summed, so the loss is scaled by sp.
-            loss, m = record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device,
-                                  ref[str(i)] if ref is not None else None)
-            (loss * env.sp / accum).backward()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            tokens += packed["input_ids"].numel()
+        # batch, forward, loss, backward
+        sums, tokens = accumulate(cfg, env, policy, data, steps[step][env.dp_rank::env.dp], accum, ref)
         # step: clip, update
         params = [p for p in policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -106,3 +106,240 @@ def torchrun(nproc, *args, timeout=300):
     if p.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p.stdout
+
+
+def exact_rmsnorm():
+    """The models' RMSNorm casts to float32 inside, even for float64 inputs; a float64 comparison between two
+    computations would then see float32 rounding, so the float64 tests compute the norm in the input's dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    for cls in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm):
+        cls.forward = forward
+
+
+def oracle(model, tok, records, cfg):
+    """The unshared single-process computation: chosen and rejected long sequences through separate plain
+    forwards (transformers' own SDPA attention and causal mask), full logits, log_softmax. Returns the mean
+    loss over records, per-record turn sums [(a, b)], and the NLLs."""
+    losses, sums, nlls = [], [], []
+    for rec in records:
+        per = {}
+        for branch in ("chosen", "rejected"):
+            ids, turns = longpo.render_chat(tok, longpo.long_messages(rec, branch))
+            x = torch.tensor(ids)[None]
+            lp = torch.log_softmax(model(input_ids=x).logits[0, :-1], -1).gather(-1, x[0, 1:, None])[:, 0]
+            t = torch.tensor(turns[1:])
+            per[branch] = torch.stack([lp[t == i + 1].sum() for i in range(len(rec["turns"]))])
+            if branch == "chosen":
+                nll = -lp.mean()  # Eq. 14 over the whole chosen sequence
+                sft = -lp[t > 0].sum() / (t > 0).sum()
+        n = len(rec["turns"])
+        if cfg.loss == "sft":
+            loss = sft
+        else:
+            ref = torch.tensor([[t["ref_chosen_logp"] for t in rec["turns"]],
+                                [t["ref_rejected_logp"] for t in rec["turns"]]], dtype=torch.float64)
+            loss = longpo.longpo_loss(per["chosen"][None], per["rejected"][None], ref[None, 0], ref[None, 1],
+                                      torch.ones(1, n, dtype=torch.bool), nll[None], cfg.beta, cfg.lam,
+                                      cfg.nll_weight, cfg.turn_agg)[0][0]
+        losses.append(loss)
+        sums.append((per["chosen"].detach(), per["rejected"].detach()))
+        nlls.append(nll.detach())
+    return torch.stack(losses).mean(), sums, nlls
+
+
+def worker(spec_path):
+    """Runs under torchrun: the distributed side of a comparison, described by a JSON spec; rank 0 saves."""
+    spec = json.load(open(spec_path))
+    exact_rmsnorm()
+    torch.use_deterministic_algorithms(True)
+    results = []
+    for case in spec["cases"]:
+        cfg = longpo.Config(**case["cfg"])
+        env = longpo.setup_distributed(cfg.sp)
+        model, tok = longpo.load_model(case["model"], torch.float64, "longpo", 0, 0)
+        data = longpo.prepare_data(cfg, tok)
+        if case["mode"] == "sp":  # sequence parallel alone: sum the partial gradients by hand
+            policy = longpo.TokenLogps(model, cfg.logp_chunk)
+            rec, packed = data[case["record"]]
+            loss, _ = longpo.record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device)
+            turn_sums, nll_sum = longpo.sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
+            loss.backward()
+            grads = {}
+            for name, p in policy.model.named_parameters():
+                g = p.grad.clone()
+                torch.distributed.all_reduce(g)  # partial gradients of the sp ranks add up to the whole
+                grads[name] = g
+            results.append({"loss": loss.detach(), "turn_sums": turn_sums.detach(), "grads": grads})
+        else:  # the trainer's own path: FSDP2 sharding, loss scaling, gradient norm, one Adam step
+            policy = longpo.build_policy(cfg, env, model)
+            opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+            accum = cfg.global_batch // env.dp
+            steps = longpo.schedule(len(data), cfg, env.dp)
+            sums, _ = longpo.accumulate(cfg, env, policy, data, steps[0][env.dp_rank::env.dp], accum)
+            norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), float("inf"))
+            grads = {n.removeprefix("model."): p.grad.full_tensor() for n, p in policy.named_parameters()}
+            opt.step()
+            weights = {n.removeprefix("model."): p.full_tensor().detach() for n, p in policy.named_parameters()}
+            results.append({"grads": grads, "weights": weights, "norm": norm.full_tensor(),
+                            "order": steps[0]})
+    if env.rank == 0:
+        torch.save(results, spec["out"])
+    longpo.teardown_distributed()
+
+
+
+# -----------------------------------------------------------------------------
+# the loss against numbers computed by hand
+
+
+def lse(xs):
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def test_loss_by_hand():
+    a, b, c, d = [-12.0, -30.5, -7.25], [-9.0, -41.0, -15.5], [-14.0, -28.0, -8.0], [-20.0, -35.5, -6.0]
+    nll, beta, lam = 2.75, 0.1, 0.01
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for agg, f in (("eq13", lse), ("sum", sum)):
+        h = beta * ((f(a) - f(c)) - (f(b) - f(d)))
+        l_mt = math.log(1 + math.exp(-h))  # -log σ(h)
+        loss, got_mt, rc, rr = longpo.longpo_loss(t(a), t(b), t(c), t(d), mask, t(nll)[0], beta, lam, 1.0, agg)
+        assert got_mt.item() == pytest.approx(l_mt, rel=1e-12)
+        assert loss.item() == pytest.approx(lam * l_mt + nll, rel=1e-12)
+        assert rc.item() == pytest.approx(beta * (f(a) - f(c)), rel=1e-12)
+        assert rr.item() == pytest.approx(beta * (f(b) - f(d)), rel=1e-12)
+    # eq13 and sum are different objectives; one turn makes them equal
+    one = torch.ones(1, 1, dtype=torch.bool)
+    e = [longpo.longpo_loss(t(a[:1]), t(b[:1]), t(c[:1]), t(d[:1]), one, t(nll)[0], 0.1, 0.01, 1.0, agg)[0]
+         for agg in ("eq13", "sum")]
+    assert e[0].item() == pytest.approx(e[1].item(), rel=1e-14)
+    # turns a record does not have are ignored by both aggregations
+    pad = torch.tensor([[True, True, False]])
+    for agg, f in (("eq13", lse), ("sum", sum)):
+        got = longpo.aggregate_turns(torch.tensor([a], dtype=torch.float64), pad, agg).item()
+        assert got == pytest.approx(f(a[:2]), rel=1e-14)
+    # "w/o NLL" ablation and the SFT baseline
+    loss = longpo.longpo_loss(t(a), t(b), t(c), t(d), mask, t(nll)[0], beta, lam, 0.0, "eq13")[0]
+    assert loss.item() == pytest.approx(lam * math.log(1 + math.exp(-beta * ((lse(a) - lse(c)) - (lse(b) - lse(d))))))
+    assert longpo.sft_loss(torch.tensor(-30.0), 12).item() == pytest.approx(2.5)
+    # the gradient of Eq. 13 w.r.t. a_i is -β σ(-h) softmax(a)_i (by hand)
+    av = torch.tensor([a], dtype=torch.float64, requires_grad=True)
+    longpo.longpo_loss(av, t(b), t(c), t(d), mask, t(nll)[0], beta, 1.0, 0.0, "eq13")[0].sum().backward()
+    h = beta * ((lse(a) - lse(c)) - (lse(b) - lse(d)))
+    sig = 1 / (1 + math.exp(h))
+    expect = [-beta * sig * math.exp(x - lse(a)) for x in a]
+    assert av.grad[0].tolist() == pytest.approx(expect, rel=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# packing, chunked log-probs, one process
+
+
+def test_render_chat_masks_responses(tiny):
+    tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")[1]
+    rec = longpo.read_records(str(tiny / "data.jsonl"))[1]
+    ids, turns = longpo.render_chat(tok, longpo.long_messages(rec, "chosen"))
+    n = len(rec["turns"])
+    assert max(turns) == n
+    for i, t in enumerate(rec["turns"]):  # response i's tokens decode to the response and its end-of-turn marker
+        text = tok.decode([x for x, k in zip(ids, turns) if k == i + 1])
+        assert text.startswith(t["chosen"]) and "<|im_end|>" in text
+    assert tok.decode(ids).startswith("<|im_start|>user\n" + rec["document"] + "\n\n" + rec["turns"][0]["instruction"])
+
+
+def test_chunked_logps_equal_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    got = longpo.chunked_logps(h, w, y, chunk=8)
+    full = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
+    torch.testing.assert_close(got, full, rtol=1e-13, atol=0)
+    g1 = torch.autograd.grad((got * torch.arange(37)).sum(), (h, w))
+    g2 = torch.autograd.grad((full * torch.arange(37)).sum(), (h, w))
+    for x, z in zip(g1, g2):
+        torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
+
+
+MEMORY_PROBE = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import longpo
+T, V, d, mode = int(sys.argv[2]), int(sys.argv[3]), 64, sys.argv[4]
+torch.manual_seed(0)
+h = torch.randn(T, d, requires_grad=True); w = torch.randn(V, d, requires_grad=True); y = torch.randint(0, V, (T,))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "chunked":
+    lp = longpo.chunked_logps(h, w, y, 256)
+else:
+    lp = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
+lp.sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+# glibc keeps freed memory for reuse, so peak RSS would depend on allocation history; with a low mmap
+# threshold every large tensor is its own mapping, returned to the system when freed, and peak RSS tracks the
+# peak of live tensor memory
+LIVE_RSS = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def peak_mb(T, V, mode):
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, HERE, str(T), str(V), mode], capture_output=True,
+                         text=True, check=True, env={**os.environ, **LIVE_RSS}).stdout
+    return float(out.split()[-1])
+
+
+def test_chunked_logps_memory_does_not_grow_with_T_times_V():
+    """Peak RSS added by forward + backward of the log-probs, measured in fresh processes."""
+    V = 16384
+    full = peak_mb(4096, V, "full")
+    small, large = peak_mb(1024, V, "chunked"), peak_mb(4096, V, "chunked")
+    logits_mb = 4096 * V * 4 / 2**20  # 256 MB of fp32 logits at T = 4096
+    assert full > logits_mb  # the full path holds at least one (T, V) tensor
+    assert large < 0.25 * full  # the chunked path holds a few (256, V) tensors at a time
+    assert large - small < 0.05 * logits_mb  # and does not grow with T x V (only with T x d)
+
+
+def one_record_file(path, tok_dir, n_turns, resp=(3, 20), rej=None, seed=1):
+    make_records(path, n=1, turns=(n_turns, n_turns), resp_words=resp, seed=seed)
+    if rej:  # very different branch lengths: a long rejected response against a short chosen one
+        rec = json.loads(open(path).read())
+        rng = random.Random(seed)
+        for t in rec["turns"]:
+            t["chosen"], t["rejected"] = words(rng, 2), words(rng, rej)
+        open(path, "w").write(json.dumps(rec) + "\n")
+    return path
+
+
+def test_packed_equals_unshared_one_process(tiny, tmp_path):
+    """Prefix sharing at P = 1: per-turn log-probs, NLL, loss and every gradient equal the unshared oracle."""
+    exact_rmsnorm()
+    for n_turns, rej in ((1, None), (4, None), (2, 150)):
+        data = one_record_file(str(tmp_path / "r.jsonl"), None, n_turns, rej=rej)
+        cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7)
+        model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "longpo")
+        ref_model = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")[0]
+        (rec, packed), = longpo.prepare_data(cfg, tok)
+        policy = longpo.TokenLogps(model, cfg.logp_chunk)
+        loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
+        loss.backward()
+        want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
+        want.backward()
+        turn_sums, _ = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))
+        torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
+        assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
+    worker(sys.argv[2])
