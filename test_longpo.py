@@ -341,5 +341,226 @@ def test_packed_equals_unshared_one_process(tiny, tmp_path):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
+
+# -----------------------------------------------------------------------------
+# Ulysses sequence parallelism and FSDP2 against one process, float64
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """Tiny models of the three families (Llama with SmolLM2's 9 query / 3 kv heads) and one-record files:
+    1 turn, 4 turns, and branches of very different lengths."""
+    d = tmp_path_factory.mktemp("families")
+    models = {"mistral": make_model(str(d / "mistral"), "mistral", 4, 2, sliding_window=4096),
+              "llama": make_model(str(d / "llama"), "llama", 9, 3, hidden=36),
+              "qwen2": make_model(str(d / "qwen2"), "qwen2", 4, 2, seed=1)}
+    records = {"1turn": one_record_file(str(d / "r1.jsonl"), None, 1, seed=3),
+               "4turns": one_record_file(str(d / "r4.jsonl"), None, 4, seed=4),
+               "uneven": one_record_file(str(d / "ru.jsonl"), None, 2, rej=150, seed=5)}
+    return models, records
+
+
+def run_worker(tmp_path, nproc, cases):
+    spec = {"cases": cases, "out": str(tmp_path / f"result{nproc}.pt")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    torchrun(nproc, "test_longpo.py", "worker", str(tmp_path / "spec.json"))
+    return torch.load(spec["out"])
+
+
+@pytest.mark.parametrize("P", [2, 4])
+def test_sequence_parallel_equals_one_process(families, tmp_path, P):
+    exact_rmsnorm()
+    models, records = families
+    combos = [("mistral", "1turn"), ("llama", "4turns"), ("qwen2", "uneven"), ("llama", "uneven")]
+    cases = [{"mode": "sp", "model": models[m], "record": 0,
+              "cfg": {"data": records[r], "max_len": 4096, "logp_chunk": 7, "sp": P, "dtype": "float64"}}
+             for m, r in combos]
+    results = run_worker(tmp_path, P, cases)
+    lengths = []
+    for (m, r), case, got in zip(combos, cases, results):
+        cfg = longpo.Config(**case["cfg"])
+        ref_model, tok = longpo.load_model(models[m], torch.float64, "sdpa")
+        (rec, packed), = longpo.prepare_data(cfg, tok)
+        lengths.append(packed["input_ids"].numel())
+        want, sums, _ = oracle(ref_model, tok, [rec], cfg)
+        want.backward()
+        torch.testing.assert_close(got["turn_sums"], torch.cat(sums[0]), rtol=1e-10, atol=0)
+        assert got["loss"].item() == pytest.approx(want.item(), rel=1e-10), (m, r)
+        for name, p in ref_model.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-7, atol=1e-11, msg=f"{m} {r} {name}")
+    assert any(t % P for t in lengths)  # a length that P does not divide was among them
+
+
+@pytest.mark.parametrize("nproc,sp", [(2, 1), (4, 2)])
+def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
+    """dp = 2, and dp = 2 x sp = 2: FSDP2 gradients (sum over sp, mean over dp), their norm, and the weights
+    after one Adam step equal one process's."""
+    exact_rmsnorm()
+    cfgd = {"data": str(tiny / "data.jsonl"), "max_len": 4096, "logp_chunk": 64, "sp": sp, "dtype": "float64",
+            "global_batch": 4, "lr": 1e-3}
+    got, = run_worker(tmp_path, nproc, [{"mode": "fsdp", "model": str(tiny / "model"), "cfg": cfgd}])
+    cfg = longpo.Config(**cfgd)
+    ref_model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")
+    records = [r for r, _ in longpo.prepare_data(cfg, tok)]
+    want, _, _ = oracle(ref_model, tok, [records[i] for i in got["order"]], cfg)
+    want.backward()
+    norm = torch.nn.utils.clip_grad_norm_(list(ref_model.parameters()), float("inf"))
+    assert got["norm"].item() == pytest.approx(norm.item(), rel=1e-8)
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-7, atol=1e-11, msg=name)
+    torch.optim.Adam(ref_model.parameters(), lr=1e-3).step()
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(got["weights"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
+
+
+
+# -----------------------------------------------------------------------------
+# the trainer end to end: checkpoints, resume
+
+
+def train_args(tiny, out, *extra):
+    return ["longpo.py", "--data", tiny / "data.jsonl", "--model", tiny / "model", "--out", out, "--max_len", 4096,
+            "--global_batch", 2, "--epochs", 2, "--lr", 1e-3, "--logp_chunk", 64, *extra]
+
+
+def load_weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_checkpoint_and_resume(tiny, tmp_path):
+    """torchrun at sp = 2: an HF directory that transformers loads with no code of ours, and a run interrupted
+    after step 2 and resumed ends with the same weights, optimizer state and logged metrics as one that was not."""
+    from transformers import AutoModelForCausalLM
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torchrun(2, *train_args(tiny, full, "--max_steps", 4, "--save_every", 2))
+    torchrun(2, *train_args(tiny, cut, "--max_steps", 2))
+    out = torchrun(2, *train_args(tiny, cut, "--max_steps", 4, "--save_every", 2, "--resume"))
+    assert "resumed from" in out and "at step 2" in out
+    assert sorted(os.listdir(full)) == sorted(os.listdir(cut))
+    a, b = load_weights(full / "step-000004"), load_weights(cut / "step-000004")
+    init = load_weights(tiny / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-8, msg=k)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # training moved the weights
+    m1 = [json.loads(x) for x in open(full / "metrics.jsonl")]
+    m2 = [json.loads(x) for x in open(cut / "metrics.jsonl")]
+    assert [m["step"] for m in m2] == [1, 2, 3, 4]
+    for x, y in zip(m1, m2):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    for m in m1:  # every logged field is there and finite
+        for k in ("loss", "l_mt", "nll", "reward_chosen", "reward_rejected", "reward_margin", "accuracy",
+                  "grad_norm", "tokens_per_s", "peak_mem_gb", "lr"):
+            assert math.isfinite(m[k]), k
+    model = AutoModelForCausalLM.from_pretrained(str(full / "step-000004"))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, a[k], msg=k)
+    assert model.config.rope_parameters["rope_theta"] == 1e7 and model.config.max_position_embeddings == 4096
+    saved = json.load(open(full / "step-000004" / "longpo_config.json"))
+    assert saved["step"] == 4 and saved["beta"] == 0.1
+    assert not [p for p in os.listdir(full) if p.startswith(".tmp")]
+
+
+def test_sft_and_dpo_run(tiny, tmp_path):
+    """The baselines through the trainer, one process: losses finite; DPO's reference is stored once."""
+    for loss in ("sft", "dpo"):
+        out = tmp_path / loss
+        p = subprocess.run([sys.executable, *map(str, train_args(tiny, out, "--loss", loss, "--max_steps", 1))],
+                           capture_output=True, text=True, cwd=HERE)
+        assert p.returncode == 0, p.stderr[-3000:]
+        m = json.loads(open(out / "metrics.jsonl").readline())
+        assert math.isfinite(m["loss"])
+        if loss == "dpo":  # the reference is the initial policy, so the first step's rewards are zero
+            assert os.path.exists(out / "dpo_reference.json")
+            assert abs(m["reward_chosen"]) < 1e-5 and abs(m["reward_margin"]) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# configuration, model loading, bad input
+
+
+def test_config_flags(monkeypatch):
+    cfg = longpo.parse_config(longpo.Config, ["--beta", "0.01", "--turn_agg=sum", "--resume", "--sp", "2"])
+    assert (cfg.beta, cfg.turn_agg, cfg.resume, cfg.sp) == (0.01, "sum", True, 2)
+    with pytest.raises(SystemExit, match=r"unknown flag --betta; valid flags: .*--beta"):
+        longpo.parse_config(longpo.Config, ["--betta", "0.1"])
+    with pytest.raises(SystemExit, match="--sp takes a int"):
+        longpo.parse_config(longpo.Config, ["--sp", "two"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit, match="--sp 3 does not divide the world size 4"):
+        longpo.setup_distributed(3)
+
+
+def test_model_settings_and_sliding_window(families):
+    models, _ = families
+    model, _ = longpo.load_model(models["mistral"], torch.float64, "longpo", rope_theta=1e7, max_len=8192)
+    assert model.config.rope_parameters["rope_theta"] == 1e7 and model.config.max_position_embeddings == 8192
+    d = model.config.head_dim
+    want = 1.0 / (1e7 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq.double(), want, rtol=1e-6, atol=0)
+    assert model.config.sliding_window is None  # was 4096 in the saved config
+    # a window at least as long as the sequence changes nothing; a shorter one is refused, not silently applied
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    attn = model.model.layers[0].self_attn
+    plain = longpo.ulysses_attention(attn, q, k, v, scaling=0.3)[0]
+    torch.testing.assert_close(longpo.ulysses_attention(attn, q, k, v, scaling=0.3, sliding_window=10)[0], plain)
+    with pytest.raises(ValueError, match="sliding_window=4 is shorter"):
+        longpo.ulysses_attention(attn, q, k, v, scaling=0.3, sliding_window=4)
+
+
+def test_head_shares_keep_gqa_groups():
+    q, kv, local = longpo.head_shares(9, 3, 2)
+    assert [x.tolist() for x in q] == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert [x.tolist() for x in kv] == [[0, 1], [1, 2]]  # kv head 1 goes to both ranks, no other is copied
+    assert [x.tolist() for x in local] == [[0, 0, 0, 1], [0, 0, 1, 1, 1]]
+    q, kv, _ = longpo.head_shares(32, 8, 8)
+    assert all(len(x) == 4 for x in q) and all(len(x) == 1 for x in kv)  # even case: no replication at all
+
+
+def bad_line(tmp_path, mutate):
+    rec = {"id": "d", "document": "abcdefghij" * 5, "turns": [
+        {"chunk": [0, 10], "instruction": "q", "chosen": "a", "rejected": "b",
+         "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}]}
+    good = json.dumps(rec)
+    text = mutate(rec)
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n" + (text if isinstance(text, str) else json.dumps(rec)) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: "{not json", r"bad.jsonl:2: malformed JSON"),
+    (lambda r: r.pop("document") and None, r"bad.jsonl:2: field 'document': missing"),
+    (lambda r: r.update(turns=[]), r"bad.jsonl:2: field 'turns': empty turn list"),
+    (lambda r: r["turns"][0].pop("chosen") and None, r"bad.jsonl:2: field 'turns\[0\].chosen': missing"),
+    (lambda r: r["turns"][0].update(instruction=7), r"bad.jsonl:2: field 'turns\[0\].instruction'"),
+    (lambda r: r["turns"][0].update(chunk=[40, 90]), r"bad.jsonl:2: field 'turns\[0\].chunk': span \[40, 90\] lies "
+                                                     r"outside the document \(length 50\)"),
+    (lambda r: r["turns"][0].update(chunk="0:10"), r"bad.jsonl:2: field 'turns\[0\].chunk': expected \[start, end\]"),
+    (lambda r: r["turns"][0].update(ref_chosen_logp=float("nan")),
+     r"bad.jsonl:2: field 'turns\[0\].ref_chosen_logp': expected a finite number, got nan"),
+    (lambda r: r["turns"][0].update(ref_rejected_logp="-3"),
+     r"bad.jsonl:2: field 'turns\[0\].ref_rejected_logp': expected a finite number"),
+])
+def test_bad_records(tmp_path, mutate, message):
+    with pytest.raises(ValueError, match=message):
+        longpo.read_records(bad_line(tmp_path, mutate))
+
+
+def test_over_long_records(tiny, capsys):
+    tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")[1]
+    cfg = longpo.Config(data=str(tiny / "data.jsonl"), max_len=4096)
+    lengths = sorted(p["max_seq"] for _, p in longpo.prepare_data(cfg, tok))
+    cfg.max_len = lengths[2]
+    kept = longpo.prepare_data(cfg, tok)
+    printed = capsys.readouterr().out
+    assert len(kept) == 3 and f"skipped 3 record(s) longer than --max_len {lengths[2]}" in printed
+    cfg.too_long = "error"
+    with pytest.raises(ValueError, match=r"data.jsonl:\d+: field 'document': the long sequence has \d+ tokens"):
+        longpo.prepare_data(cfg, tok)
+
+
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     worker(sys.argv[2])

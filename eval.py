@@ -1,0 +1,625 @@
+"""Offline evaluation of LongPO checkpoints, side by side: what the paper's Tables 1-3 measure, on your own models.
+
+Long context (paper §4.2, Table 2): RULER-style synthetic tasks generated in code from a fixed seed, swept over
+context lengths measured with each model's own tokenizer: needle-in-a-haystack (single, multi-key, multi-value,
+multi-query), variable tracking, common- and frequent-words extraction, scored by RULER's string_match_all, and a
+multiple-choice retrieval over records scored by the log-likelihood of its options (accuracy). Greedy decoding
+with the chat template (generate.py's sampler). Short context (Table 3): on held-out (chunk, instruction) pairs
+of a generate.py file, the mean token NLL of πS's responses y_S under each model and KL(model || first model)
+over the response tokens (what the short-to-long constraint bounds), and, with --mc, multiple-choice acc and
+acc_norm as lm-evaluation-harness computes them.
+
+    # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo, 1K-8K (a few CPU minutes)
+    python eval.py
+    # several checkpoints, the paper's lengths, short-context retention and a multiple-choice file
+    python eval.py --models base=/ckpt/Mistral-7B-Instruct-v0.2 longpo=out/mistral-longpo-128k/step-000500 \
+        --lengths 4K 8K 16K 32K 64K 128K 256K --samples 20 --short_data data/heldout.jsonl --mc data/arc.jsonl
+    # one override: the niah tasks only, four samples each
+    python eval.py --tasks niah_single niah_multikey niah_multivalue niah_multiquery --samples 4
+
+A length is prompt plus reference answer tokens, within 1% of the request and never above it (the greedy answer
+may run a few tokens past it). A length beyond a model's max_position_embeddings is warned about and run anyway:
+how a model does past its window is part of what the sweep shows; such cells carry a '*' in the tables and are
+listed under "beyond_max_positions" in the JSON. Effective length (RULER): the largest swept length at which the
+task-average score, and the score at every shorter swept length, is at least --threshold (default 85.6, RULER's
+Llama-2-7B score at 4K); 0 when the shortest length already falls below it.
+
+Symbols: T tokens, V vocabulary, d hidden size, K option tokens, R response tokens.
+"""
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import longpo
+from generate import eos_token_ids, generate_tokens, new_cache, prefill
+from longpo import print0
+
+
+# -----------------------------------------------------------------------------
+# config
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "mc_records")
+
+
+@dataclass
+class EvalConfig:
+    models: list = field(default_factory=list)  # name=DIR (or DIR) per model; the first is the baseline of every delta and KL. [] = embedded model + newest checkpoint in --out
+    out: str = longpo.Config().out  # where the no-argument run looks for checkpoints (longpo.py's --out)
+    lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # context lengths in tokens, prompt + answer (4096 or 4K)
+    tasks: list = field(default_factory=lambda: list(TASKS))  # long-context tasks to run
+    samples: int = 2  # samples per task and length (RULER uses 500; 2 keeps the CPU run short)
+    batch: int = 4  # prompts per generate_tokens call
+    seed: int = 0  # every haystack, needle and option derives from it
+    threshold: float = 85.6  # effective length: task-average score (0-100) a length must reach (RULER's value)
+    short_data: str = ""  # generate.py JSONL of held-out records; "" skips NLL and KL
+    short_n: int = 64  # (chunk, instruction) pairs read from --short_data
+    mc: str = ""  # JSONL of {question, choices, answer (0-based index)}; "" skips acc and acc_norm
+    json: str = "out/eval.json"  # every number of the tables, and each sample's prompt size, depth and output
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU | float32 | float64 | bfloat16
+    prefill_chunk: int = 2048  # prompt tokens per forward while prefilling the KV cache
+
+
+# -----------------------------------------------------------------------------
+# procedural text: filler sentences, keys, pseudo-words (nothing copied, nothing downloaded)
+
+SUBJECTS = ("the baker", "a farmer", "the old sailor", "my neighbour", "a young clerk", "the teacher", "a tired driver",
+            "the gardener", "an artist", "the mayor", "a quiet student", "the blacksmith", "a travelling singer",
+            "the night guard", "a curious child", "the ferryman")
+VERBS = ("painted", "carried", "repaired", "found", "sold", "watched", "cleaned", "counted", "borrowed", "described",
+         "measured", "forgot", "wrapped", "delivered", "noticed", "polished")
+OBJECTS = ("a wooden chair", "three baskets", "the red door", "an old map", "the garden fence", "a small boat",
+           "two lamps", "the kitchen table", "a bag of flour", "the church bell", "a broken clock", "some letters",
+           "the blue kettle", "a pair of boots", "the stone wall", "a box of nails")
+TAILS = ("before noon", "near the harbour", "after the rain", "on a quiet morning", "behind the mill",
+         "during the fair", "at the edge of town", "without a word", "for the third time", "under a grey sky",
+         "while the bread cooled", "late in the evening")
+ADJECTIVES = ("amber", "silent", "crimson", "hollow", "frozen", "golden", "rapid", "gentle", "bitter", "distant",
+              "velvet", "rusty", "bright", "ancient", "lucky", "narrow")
+ANIMALS = ("falcon", "otter", "badger", "heron", "lynx", "beetle", "walrus", "sparrow", "gecko", "bison", "marten",
+           "pelican", "viper", "moth", "crane", "ferret")
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+TOWN_ENDS = ("ford", "wick", "dale", "mouth", "by", "stead", "ton", "field")
+JOBS = ("baker", "carpenter", "nurse", "miller", "weaver", "fisher", "potter", "tailor", "mason", "brewer")
+
+
+def filler_words(seed, n):
+    """The first n words of a seeded stream of sentences. The stream is the same for every n, so a longer haystack
+    extends a shorter one; the last sentence is cut to fit and closed with a full stop. -> list of sentences."""
+    rng, out, total = random.Random(seed), [], 0
+    while total < n:
+        words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(TAILS)}".split()
+        words = words[:n - total]
+        total += len(words)
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+def pseudo_word(rng, syllables=(2, 3)):
+    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(*syllables)))
+
+
+def distinct(rng, make, n, avoid=()):
+    seen, out = set(avoid), []
+    while len(out) < n:
+        w = make(rng)
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def weave(sentences, needles):
+    """Insert needle sentences into the haystack, needle j at the sentence boundary nearest its depth (0 = start,
+    1 = end). Returns the text and each needle's measured depth: characters before it / characters in the text."""
+    slots = sorted(range(len(needles)), key=lambda j: (round(needles[j][0] * len(sentences)), j))
+    parts, starts, pos, s = [], {}, 0, 0
+    for j in slots:
+        stop = round(needles[j][0] * len(sentences))
+        parts += sentences[s:stop]
+        s = stop
+        starts[j] = len(" ".join(parts + [""])) if parts else 0
+        parts.append(needles[j][1])
+    parts += sentences[s:]
+    text = " ".join(parts)
+    return text, [starts[j] / len(text) for j in range(len(needles))]
+
+
+# -----------------------------------------------------------------------------
+# the tasks: each returns build(k) -> (user message, answers, depths, options, answer index); k sizes the haystack
+
+def _niah(rng, seed, depth, n_keys, n_values, n_queries):
+    """n_keys keys, the first n_queries of them asked; the first key holds n_values values, the others one each.
+    Needles of the asked keys at `depth` (the first) and seeded random depths; distractor keys elsewhere."""
+    keys = distinct(rng, lambda r: f"{r.choice(ADJECTIVES)}-{r.choice(ANIMALS)}", n_keys)
+    values = [[str(rng.randint(1_000_000, 9_999_999)) for _ in range(n_values if i == 0 else 1)] for i in range(n_keys)]
+    needles = [(depth if (i, j) == (0, 0) else rng.random(), f"The access code for {k} is {v}.")
+               for i, (k, vs) in enumerate(zip(keys, values)) for j, v in enumerate(vs)]
+    asked = keys[:n_queries]
+    answers = [v for vs in values[:n_queries] for v in vs]
+    if n_values > 1:
+        question = f"List every access code given for {asked[0]} in the text above."
+    elif n_queries > 1:
+        question = f"What are the access codes for {', '.join(asked[:-1])} and {asked[-1]}?"
+    else:
+        question = f"What is the access code for {asked[0]}? Reply with the number only."
+    n_asked = sum(len(vs) for vs in values[:n_queries])  # the needles of the asked keys come first
+
+    def build(k):
+        text, depths = weave(filler_words(seed, k), needles)
+        user = ("A long text follows. A few access codes are hidden in it; remember them, you will be asked about "
+                f"them at the end.\n\n{text}\n\n{question}")
+        return user, answers, depths[:n_asked], None, None
+    return build
+
+
+def task_niah_single(rng, seed, depth, length):
+    return _niah(rng, seed, depth, 1, 1, 1)
+
+
+def task_niah_multikey(rng, seed, depth, length):
+    return _niah(rng, seed, depth, 4, 1, 1)
+
+
+def task_niah_multivalue(rng, seed, depth, length):
+    return _niah(rng, seed, depth, 1, 4, 1)
+
+
+def task_niah_multiquery(rng, seed, depth, length):
+    return _niah(rng, seed, depth, 4, 1, 4)
+
+
+def task_vt(rng, seed, depth, length, hops=4):
+    """Multi-hop tracing: X0 = value, X1 = X0, ..., X_hops = X_{hops-1}, in order, the first at `depth`."""
+    names = distinct(rng, lambda r: "".join(r.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), hops + 1)
+    value = str(rng.randint(10_000, 99_999))
+    depths = [depth * 0.5] + sorted(depth * 0.5 + rng.random() * (1 - depth * 0.5) for _ in range(hops))
+    lines = [f"{names[0]} = {value}."] + [f"{names[i]} = {names[i - 1]}." for i in range(1, hops + 1)]
+    question = f"Which variables end up holding the value {value}, directly or through other variables? Name all of them."
+
+    def build(k):
+        text, got = weave(filler_words(seed, k), list(zip(depths, lines)))
+        user = f"Variable assignments are hidden in the text below; keep track of them.\n\n{text}\n\n{question}"
+        return user, names, got, None, None
+    return build
+
+
+def task_cwe(rng, seed, depth, length, n_common=10):
+    """Common-words extraction: a numbered list of k words where n_common words occur c times each and every other
+    word fewer than c/4 times (c grows with k, as RULER's frequencies do with length); name the n_common."""
+    pool = distinct(rng, pseudo_word, n_common + length // 2)
+    common, rare = pool[:n_common], pool[n_common:]
+
+    def build(k):
+        c = max(3, k // 40)
+        u = max(1, c // 4)
+        entries = common * c
+        entries += [rare[i // u] for i in range(max(0, k - len(entries)))]
+        random.Random(seed).shuffle(entries)
+        user = ("Here is a numbered list of words.\n\n" + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(entries))
+                + f"\n\nWhich {n_common} words appear most often in the list above? Give the {n_common} words.")
+        return user, common, [], None, None
+    return build
+
+
+def task_fwe(rng, seed, depth, length, vocab=200, alpha=2.0, top=3):
+    """Frequent-words extraction: words drawn from a Zipf(alpha) law over pseudo-words; name the `top` most frequent
+    (ties at the last place go to the word of lower Zipf rank)."""
+    words = distinct(rng, pseudo_word, vocab)
+    cum = list(itertools.accumulate(1 / (r + 1) ** alpha for r in range(vocab)))
+
+    def build(k):
+        drawn = random.Random(seed).choices(words, cum_weights=cum, k=k)  # one draw a word: a prefix of a longer run
+        counts = {w: 0 for w in words}
+        for w in drawn:
+            counts[w] += 1
+        answers = sorted(words, key=lambda w: -counts[w])[:top]  # sorted() is stable: ties keep Zipf rank order
+        lines = "\n".join(" ".join(drawn[i:i + 12]) for i in range(0, k, 12))
+        user = (f"Read the following coded text.\n\n{lines}\n\nWhich {top} words occur most often in the coded text? "
+                f"Give the {top} words.")
+        return user, answers, [], None, None
+    return build
+
+
+def task_mc_records(rng, seed, depth, length, n_options=4):
+    """Retrieval over records, multiple choice: one record a ~400 tokens among filler, the asked one at `depth`;
+    the options are its town and the towns of other records, scored by log-likelihood."""
+    n = max(n_options, length // 400)
+    ids = distinct(rng, lambda r: str(r.randint(1000, 9999)), n)
+    towns = distinct(rng, lambda r: pseudo_word(r).capitalize() + r.choice(TOWN_ENDS), n)
+    people = [f"{pseudo_word(rng).capitalize()} {pseudo_word(rng).capitalize()}" for _ in range(n)]
+    records = [(depth if i == 0 else rng.random(),
+                f"Record {ids[i]}: {people[i]}, a {rng.choice(JOBS)}, lives in {towns[i]}.") for i in range(n)]
+    options = [towns[0]] + rng.sample(towns[1:], n_options - 1)
+    rng.shuffle(options)
+    question = f"In which town does the person of record {ids[0]} live? Answer with the town name only."
+
+    def build(k):
+        text, depths = weave(filler_words(seed, k), records)
+        user = f"A register of people is scattered through the text below.\n\n{text}\n\n{question}"
+        return user, [towns[0]], depths[:1], options, options.index(towns[0])
+    return build
+
+
+TASK_BUILDERS = {name: globals()[f"task_{name}"] for name in TASKS}
+
+
+# -----------------------------------------------------------------------------
+# sizing a sample to a token length with the model's own tokenizer
+
+def fit_length(tokenizer, build, length):
+    """The largest haystack size k whose rendered prompt plus reference answer has at most `length` tokens, by
+    doubling then bisection. One more unit of haystack adds a few tokens, so the result lands within 1%."""
+    def size(k):
+        user, answers, depths, options, answer_index = build(k)
+        prompt = longpo.render_chat(tokenizer, [user])[0]  # one user message: ends with the generation prompt
+        answer = answers[0] if options else ", ".join(answers)
+        return len(prompt) + len(tokenizer(answer, add_special_tokens=False)["input_ids"]), prompt
+
+    lo, hi = 0, 64
+    while size(hi)[0] <= length:
+        lo, hi = hi, hi * 2
+    hi -= 1  # size(hi + 1) > length
+    while lo < hi:  # invariant: size(lo) <= length < size(hi + 1)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid)[0] <= length else (lo, mid - 1)
+    return lo, *size(lo)
+
+
+def make_sample(task, tokenizer, length, index, cfg):
+    """Sample `index` of a task at a length: the same text for every model (seeded by task, length and index), sized
+    with this model's tokenizer. Needle depths are spread evenly over the samples: (index + 0.5) / samples."""
+    tag = f"{cfg.seed}/{task}/{length}/{index}"
+    build = TASK_BUILDERS[task](random.Random(tag), tag, (index + 0.5) / cfg.samples, length)
+    k, tokens, prompt = fit_length(tokenizer, build, length)
+    user, answers, depths, options, answer_index = build(k)
+    answer = answers[0] if options else ", ".join(answers)
+    return dict(task=task, length=length, index=index, user=user, prompt_ids=prompt, tokens=tokens, answers=answers,
+                depth=depths[0] if depths else None, depths=depths, options=options, answer_index=answer_index,
+                max_new_tokens=2 * len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 16)
+
+
+# -----------------------------------------------------------------------------
+# metrics: RULER's string matches, lm-evaluation-harness's acc and acc_norm
+
+def string_match_all(preds, refs):
+    """RULER: per sample, the fraction of its references found (case-insensitively) in the output; mean, x100."""
+    return 100 * sum(sum(r.lower() in p.lower() for r in rs) / len(rs) for p, rs in zip(preds, refs)) / len(preds)
+
+
+def string_match_part(preds, refs):
+    """RULER: per sample, 1 if any of its references is found (case-insensitively) in the output; mean, x100."""
+    return 100 * sum(max(r.lower() in p.lower() for r in rs) for p, rs in zip(preds, refs)) / len(preds)
+
+
+def mc_scores(logliks, choices, answer):
+    """lm-evaluation-harness: acc = argmax of the options' log-likelihoods is the answer; acc_norm the same with each
+    log-likelihood divided by the option's length in UTF-8 bytes. Returns (acc, acc_norm) as 0/1."""
+    argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # the first of equal maxima, like numpy's
+    norm = [ll / len(c.encode("utf-8")) for ll, c in zip(logliks, choices)]
+    return float(argmax(logliks) == answer), float(argmax(norm) == answer)
+
+
+def effective_length(scores, threshold):
+    """RULER's effective length: the largest length L with scores[L'] >= threshold for every swept L' <= L; 0 if none."""
+    eff = 0
+    for length in sorted(scores):
+        if scores[length] < threshold:
+            break
+        eff = length
+    return eff
+
+
+# -----------------------------------------------------------------------------
+# log-likelihoods: options over a shared prompt, response tokens under two models
+
+@torch.no_grad()
+def option_logliks(model, prompt_ids, options_ids, prefill_chunk=2048):
+    """Σ_k log π(option_k | prompt, option_<k) for each option. The prompt is prefilled into a KV cache once
+    (generate.py's prefill, in chunks); each option runs on top of it and the cache is cropped back to the prompt,
+    so a long prompt costs one forward whatever the number of options."""
+    device = next(model.parameters()).device
+    cache = new_cache(model)
+    x = torch.tensor(prompt_ids, device=device)[None]  # (1, T)
+    first = prefill(model, x, cache, prefill_chunk)[0].log_softmax(-1)  # (V,): the last prompt position's prediction
+    out = []
+    for ids in options_ids:
+        y = torch.tensor(ids, device=device)[None]  # (1, K)
+        ll = first[ids[0]].double()
+        if len(ids) > 1:
+            pos = x.shape[1] + torch.arange(len(ids) - 1, device=device)[None]  # (1, K-1): after the prompt
+            h = model.model(input_ids=y[:, :-1], position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+            ll = ll + longpo.chunked_logps(h[0], model.lm_head.weight, y[0, 1:]).double().sum()  # tokens 1..K-1
+        out.append(ll.item())
+        cache.crop(x.shape[1] - cache.get_seq_length())  # back to the prompt alone (crop takes minus the tokens to drop)
+    return out
+
+
+@torch.no_grad()
+def response_logprobs(model, ids, turns):
+    """Full log-softmax rows at the positions that predict response tokens: (R, V) float32, and the targets (R,).
+    Short contexts only: the rows are materialised so that a KL over the whole vocabulary can be taken."""
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, device=device)[None]  # (1, T)
+    keep = torch.tensor(turns[1:], device=device) > 0  # (T-1,): position j predicts token j+1, a response token
+    hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[0, :-1][keep]  # (R, d)
+    return model.lm_head(hidden).float().log_softmax(-1), x[0, 1:][keep]  # (R, V), (R,)
+
+
+def short_context(model, tokenizer, pairs, base=None):
+    """Mean token NLL of πS's responses y_S given (C_S, I), and KL(model || base) per response token, averaged over
+    all response tokens of all pairs (token-weighted, end-of-turn marker included as in training). base: the first
+    model, or None for the first model itself (its KL is 0 by definition)."""
+    nll, kl, tokens = 0.0, 0.0, 0
+    for messages in pairs:
+        ids, turns = longpo.render_chat(tokenizer, messages)
+        lp, tgt = response_logprobs(model, ids, turns)  # (R, V), (R,)
+        nll -= lp.gather(-1, tgt[:, None]).sum().item()
+        if base is not None:
+            lb, _ = response_logprobs(base, ids, turns)
+            kl += (lp.exp() * (lp - lb)).sum().item()  # Σ_r Σ_v p(v) (log p(v) - log p_base(v))
+        tokens += len(tgt)
+    return dict(pairs=len(pairs), tokens=tokens, nll=nll / tokens, kl=kl / tokens if base is not None else 0.0)
+
+
+def multiple_choice(model, tokenizer, items, prefill_chunk=2048):
+    """acc and acc_norm (x100) over {question, choices, answer} items; the question is one chat turn, each choice
+    is scored as the start of the assistant's reply."""
+    acc = acc_norm = 0.0
+    for it in items:
+        prompt = longpo.render_chat(tokenizer, [it["question"]])[0]
+        options = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in it["choices"]]
+        a, an = mc_scores(option_logliks(model, prompt, options, prefill_chunk), it["choices"], it["answer"])
+        acc, acc_norm = acc + a, acc_norm + an
+    return dict(items=len(items), acc=100 * acc / len(items), acc_norm=100 * acc_norm / len(items))
+
+
+# -----------------------------------------------------------------------------
+# inputs: lengths, models, the multiple-choice file, the held-out pairs
+
+def parse_lengths(values):
+    out = []
+    for v in values:
+        try:
+            n = int(float(v[:-1]) * 1024) if v[-1:] in "kK" and v[:-1] else int(v)
+        except ValueError:
+            raise SystemExit(f"--lengths takes token counts such as 4096 or 4K, got {v!r}") from None
+        if n < 256:
+            raise SystemExit(f"--lengths {v}: too short for a task prompt (256 tokens at least)")
+        out.append(n)
+    return sorted(set(out))
+
+
+def resolve_models(cfg):
+    """[(name, dir)]; "" is the embedded default model. No --models: the default model and the newest checkpoint."""
+    if not cfg.models:
+        models = [("base", "")]
+        found = longpo.checkpoints(cfg.out)
+        if found:
+            models.append(("longpo", found[-1]))
+        else:
+            print0(f"no checkpoint in {cfg.out}: evaluating the base model alone")
+        return models
+    models = []
+    for spec in cfg.models:
+        name, _, path = spec.rpartition("=")
+        name = name or os.path.basename(os.path.normpath(path))
+        if not os.path.isdir(path):
+            raise SystemExit(f"--models {spec}: {path} is not a directory")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"--models {spec}: {path} has no config.json (expected a HF model directory)")
+        models.append((name, path))
+    if len({n for n, _ in models}) < len(models):
+        raise SystemExit(f"--models: names must differ, got {[n for n, _ in models]}")
+    return models
+
+
+def read_mc(path):
+    """{question, choices, answer} per line; a malformed line raises ValueError naming file:line and the field."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--mc {path}: no such file")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                it = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON: {e}") from None
+            longpo._check(isinstance(it, dict), where, "<item>", f"expected a JSON object, got {type(it).__name__}")
+            longpo._check(isinstance(it.get("question"), str) and it["question"].strip(), where, "question",
+                          "missing, empty or not a string")
+            ch = it.get("choices")
+            longpo._check(isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch), where,
+                          "choices", f"expected a list of at least 2 non-empty strings, got {ch!r}")
+            a = it.get("answer")
+            longpo._check(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(ch), where, "answer",
+                          f"expected a 0-based index into the {len(ch)} choices, got {a!r}")
+            items.append(it)
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def read_pairs(path, n):
+    """The first n (chunk, instruction, chosen) turns of a generate.py file as short chats [C_S; I, y_S]."""
+    records = longpo.read_records(path, need_ref=False)
+    pairs = [longpo.short_messages(r, i, t["chosen"]) for r in records for i, t in enumerate(r["turns"])]
+    return pairs[:n]
+
+
+# -----------------------------------------------------------------------------
+# one model over the sweep
+
+def long_context(cfg, model, tokenizer, name, lengths):
+    """Every task at every length: {task: {length: {score, string_match_all, string_match_part, samples}}}."""
+    out = {task: {} for task in cfg.tasks}
+    eos = eos_token_ids(model, tokenizer)
+    for length in lengths:
+        for task in cfg.tasks:
+            t0 = time.time()
+            samples = [make_sample(task, tokenizer, length, i, cfg) for i in range(cfg.samples)]
+            if task == "mc_records":
+                for s in samples:
+                    opts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in s["options"]]
+                    s["logliks"] = option_logliks(model, s["prompt_ids"], opts, cfg.prefill_chunk)
+                    s["pred"] = s["options"][max(range(len(opts)), key=s["logliks"].__getitem__)]
+                    s["correct"] = mc_scores(s["logliks"], s["options"], s["answer_index"])[0]
+                score = 100 * sum(s["correct"] for s in samples) / len(samples)
+                res = dict(score=score, accuracy=score)
+            else:
+                for b in range(0, len(samples), cfg.batch):
+                    group = samples[b:b + cfg.batch]
+                    outs = generate_tokens(model, [s["prompt_ids"] for s in group], eos,
+                                           max(s["max_new_tokens"] for s in group), temperature=0.0,
+                                           prefill_chunk=cfg.prefill_chunk)
+                    for s, (tokens, _) in zip(group, outs):
+                        s["pred"] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                preds, refs = [s["pred"] for s in samples], [s["answers"] for s in samples]
+                res = dict(score=string_match_all(preds, refs), string_match_all=string_match_all(preds, refs),
+                           string_match_part=string_match_part(preds, refs))
+            res["samples"] = [{k: s[k] for k in ("index", "tokens", "depth", "depths", "answers", "pred", "options",
+                                                 "answer_index", "logliks") if s.get(k) is not None}
+                              for s in samples]
+            out[task][length] = res
+            print0(f"[{name}] {task:<16} {length:>7} tokens: score {res['score']:5.1f} | prompt+answer "
+                   f"{min(s['tokens'] for s in samples)}-{max(s['tokens'] for s in samples)} tokens | "
+                   f"{time.time() - t0:.1f} s")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# tables
+
+def format_table(header, rows):
+    cols = list(zip(header, *rows))
+    widths = [max(len(str(x)) for x in c) for c in cols]
+    fmt = lambda row: "  ".join(str(x).ljust(w) if j == 0 else str(x).rjust(w) for j, (x, w) in enumerate(zip(row, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def tables(report, lengths, threshold):
+    """The RULER-like table, the per-task table and the short-context table, as text."""
+    names = list(report["models"])
+    mark = lambda name, L: "*" if L in report["models"][name]["beyond_max_positions"] else ""
+    rows = []
+    for name in names:
+        m = report["models"][name]
+        rows.append([name] + [f"{m['ruler'][L]:.1f}{mark(name, L)}" for L in lengths]
+                    + [f"{m['ruler_avg']:.1f}", m["effective_length"]])
+    text = ["RULER-like: task-average score (0-100) per length; effective length at threshold "
+            f"{threshold} ('*': beyond the model's max positions)",
+            format_table(["model"] + [str(L) for L in lengths] + ["avg", "effective"], rows), ""]
+    rows = []
+    for name in names:
+        for task, per in report["models"][name]["long"].items():
+            scores = [per[L]["score"] for L in lengths]
+            rows.append([name, task] + [f"{v:.1f}{mark(name, L)}" for v, L in zip(scores, lengths)]
+                        + [f"{sum(scores) / len(scores):.1f}"])
+    text += ["per task: string_match_all (mc_records: accuracy), 0-100",
+             format_table(["model", "task"] + [str(L) for L in lengths] + ["avg"], rows), ""]
+    short = [(n, report["models"][n].get("short")) for n in names]
+    if any(s for _, s in short):
+        first = short[0][1] or {}
+        keys = [k for k in ("nll", "kl", "acc", "acc_norm") if k in first]
+        rows = []
+        for name, s in short:
+            row = [name]
+            for k in keys:
+                row += [f"{s[k]:.4f}" if k in ("nll", "kl") else f"{s[k]:.1f}"]
+                if k != "kl":
+                    row += [f"{s[k] - first[k]:+.4f}" if k == "nll" else f"{s[k] - first[k]:+.1f}"]
+            rows.append(row)
+        header = ["model"]
+        for k in keys:
+            header += [{"nll": "NLL(y_S)", "kl": f"KL(.||{names[0]})", "acc": "MC acc", "acc_norm": "acc_norm"}[k]]
+            if k != "kl":
+                header += ["delta"]
+        text += [f"short context: NLL per response token of πS's y_S given (C_S, I), KL per response token "
+                 f"against {names[0]}; deltas against {names[0]}", format_table(header, rows), ""]
+    return "\n".join(text)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(cfg):
+    t_start = time.time()
+    lengths = parse_lengths(cfg.lengths)
+    for task in cfg.tasks:
+        if task not in TASKS:
+            raise SystemExit(f"--tasks: unknown task {task!r}; valid: {' '.join(TASKS)}")
+    if cfg.samples < 1 or cfg.batch < 1:
+        raise SystemExit("--samples and --batch must be at least 1")
+    # every input is checked before the first model loads, so a typo costs seconds, not a sweep
+    models = resolve_models(cfg)
+    mc_items = read_mc(cfg.mc) if cfg.mc else None
+    pairs = read_pairs(cfg.short_data, cfg.short_n) if cfg.short_data else None
+    if pairs is None:
+        print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "float64": torch.float64, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+    if dtype is None:
+        raise SystemExit(f"--dtype must be auto, float32, float64 or bfloat16, got {cfg.dtype!r}")
+    print0(json.dumps(dataclasses.asdict(cfg)))
+
+    report = dict(config=dataclasses.asdict(cfg), lengths=lengths, threshold=cfg.threshold, models={})
+    base = base_tok = None
+    for name, path in models:
+        t0 = time.time()
+        model, tokenizer = longpo.load_model(path, dtype, "sdpa")  # plain attention: no sequence parallelism here
+        model.to(device).eval()
+        path = path or longpo.default_model_dir()
+        max_pos = model.config.max_position_embeddings
+        beyond = [L for L in lengths if L > max_pos]
+        if beyond:
+            print0(f"warning: {name} ({path}) has max_position_embeddings {max_pos}; lengths {beyond} run beyond it")
+        print0(f"[{name}] {path}")
+        long = long_context(cfg, model, tokenizer, name, lengths)
+        ruler = {L: sum(long[t][L]["score"] for t in cfg.tasks) / len(cfg.tasks) for L in lengths}
+        entry = dict(path=path, max_position_embeddings=max_pos, beyond_max_positions=beyond, long=long, ruler=ruler,
+                     ruler_avg=sum(ruler.values()) / len(ruler), effective_length=effective_length(ruler, cfg.threshold))
+        short = {}
+        if pairs:
+            same_vocab = base_tok is None or base_tok.get_vocab() == tokenizer.get_vocab()
+            if not same_vocab:
+                print0(f"warning: {name} has another vocabulary than {models[0][0]}: its KL is not defined, skipped")
+            short = short_context(model, tokenizer, pairs, base if same_vocab else None)
+            if not same_vocab:
+                del short["kl"]
+        if mc_items:
+            short.update(multiple_choice(model, tokenizer, mc_items, cfg.prefill_chunk))
+        if short:
+            entry["short"] = short
+            print0(f"[{name}] short context: " + ", ".join(f"{k} {v:.4g}" for k, v in short.items()))
+        report["models"][name] = entry
+        print0(f"[{name}] done in {time.time() - t0:.1f} s")
+        if base is None:  # the first model stays loaded: the KL of every later one is taken against it
+            base, base_tok = model, tokenizer
+        else:
+            del model
+
+    report["wall_s"] = time.time() - t_start
+    print0("\n" + tables(report, lengths, cfg.threshold))
+    print0(f"wall time {report['wall_s']:.0f} s")
+    if os.path.dirname(cfg.json):
+        os.makedirs(os.path.dirname(cfg.json), exist_ok=True)
+    with open(cfg.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print0(f"wrote {cfg.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main(longpo.parse_config(EvalConfig, sys.argv[1:]))
