@@ -232,9 +232,12 @@ def _attend(q, k, v, q_to_kv, scaling, lower_right):
         return q
     hq, hkv = q.shape[1], k.shape[1]
     uniform = hq % hkv == 0 and torch.equal(q_to_kv, torch.arange(hq) // (hq // hkv))
-    if not uniform:  # an uneven share of a GQA group: give each local query head its own copy of its kv head
+    flash = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    # an uneven share of a GQA group, or torch's lower-right causal kernels (which take no GQA argument): give
+    # each local query head its own copy of its kv head
+    if not uniform or (lower_right and not flash):
         k, v = k.index_select(1, q_to_kv.to(k.device)), v.index_select(1, q_to_kv.to(v.device))
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if flash:
         # flash-attn's causal mask is bottom-right aligned, which equals top-left when Tq == Tk
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                               softmax_scale=scaling)  # (B, Tq, h, D)
@@ -721,7 +724,9 @@ def build_policy(cfg, env, model):
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)  # moves each unit's shard to the device, one layer at a time
+    else:
+        policy.to(env.device)
     policy.train()
     return policy
 
@@ -831,7 +836,6 @@ def train(cfg):
     model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len)
     save_dtype = getattr(model.config, "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
-    model.to(env.device)
     data = prepare_data(cfg, tokenizer)
     policy = build_policy(cfg, env, model)
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
