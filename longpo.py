@@ -55,7 +55,7 @@ class Config:
     max_len: int = 131072  # longest chosen or rejected sequence, and the policy's max positions (paper: 128K)
     rope_theta: float = 1e7  # RoPE base of the policy (paper §4.1: 1e7); 0 keeps the model's own
     # objective
-    loss: str = "longpo"  # longpo (Eq. 14) | dpo (reference = initial policy on x_L) | sft (NLL of responses)
+    loss: str = "longpo"  # longpo (Eq. 14) | dpo (Eq. 14 with reference = initial policy on x_L) | sft (NLL)
     turn_agg: str = "eq13"  # eq13: log Σ_i π over turns, as printed | sum: Σ_i log π, as in the released code
     beta: float = 0.1  # β in Eq. 13 (paper 0.1; the released recipe used 0.01)
     lam: float = 0.01  # λ in Eq. 14
@@ -90,13 +90,15 @@ def parse_config(cls, argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise SystemExit(f"expected --field, got {arg!r}; valid flags: {' '.join('--' + k for k in fields)}")
-        name, _, value = arg[2:].partition("=")
+        name, eq, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in fields:
             raise SystemExit(f"unknown flag --{name}; valid flags: {' '.join('--' + k for k in fields)}")
         kind = type(getattr(cfg, name))
-        values = [value] if value else []
-        while not value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        if eq and not value:
+            raise SystemExit(f"--{name}= has an empty value")
+        values = [value] if eq else []
+        while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             values.append(argv[i + 1])
             i += 1
             if kind is not list:
@@ -112,9 +114,14 @@ def parse_config(cls, argv):
             raise SystemExit(f"--{name} needs one {kind.__name__} value")
         else:
             try:
-                setattr(cfg, name, kind(float(values[0])) if kind is int and "e" in values[0] else kind(values[0]))
+                value = float(values[0]) if kind is int else kind(values[0])
+                if kind is int:  # 1e3 is an integer, 1.5 is not
+                    if not value.is_integer():
+                        raise ValueError
+                    value = int(value)
             except ValueError:
                 raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
+            setattr(cfg, name, value)
     return cfg
 
 
@@ -334,7 +341,7 @@ def chunked_logps(hidden, weight, targets, chunk=1024):
     from torch.utils.checkpoint import checkpoint
     out = [checkpoint(_chunk_logps, hidden[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
            for i in range(0, hidden.shape[0], chunk)]
-    return torch.cat(out) if out else hidden.new_zeros(0)
+    return torch.cat(out) if out else hidden.sum(-1)  # (0,), still in the graph: this rank joins the backward
 
 
 class TokenLogps(nn.Module):
@@ -414,6 +421,11 @@ def render_chat(tokenizer, messages):
     the tokens of assistant response i (its end-of-turn marker included), 0 elsewhere. messages alternate
     user / assistant strings; an odd count ends with the generation prompt (a prompt to answer). Each segment
     is tokenized on its own, so a shared prefix yields the same ids whatever follows it."""
+    specials = [t for t in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()) if len(t) > 1]
+    for i, m in enumerate(messages):  # such a string would be tokenized as the control token itself
+        hit = next((t for t in specials if t in m), None)
+        if hit:
+            raise ValueError(f"message {i + 1} contains the special token {hit!r} as text")
     chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
     ids, turns, done = [], [], ""
     for k in range(1, len(chat) + 1):
@@ -488,7 +500,7 @@ def _finite_number(x):
 def validate_record(rec, where, need_ref=True):
     """Raises ValueError naming file:line and the field for every malformed part of a DESIGN.md record."""
     _check(isinstance(rec, dict), where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
-    _check(isinstance(rec.get("id"), (str, int)), where, "id", "missing or not a string")
+    _check(isinstance(rec.get("id"), str) and rec["id"], where, "id", "missing, empty or not a string")
     doc = rec.get("document")
     _check(isinstance(doc, str) and doc, where, "document", "missing, empty or not a string")
     turns = rec.get("turns")
@@ -509,27 +521,44 @@ def validate_record(rec, where, need_ref=True):
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
                 _check(key in t, where, f"{f}.{key}", "missing")
                 _check(_finite_number(t[key]), where, f"{f}.{key}", f"expected a finite number, got {t[key]!r}")
+                # a log-probability is <= 0: a positive value is a stored NLL or a sign error
+                _check(t[key] <= 0, where, f"{f}.{key}", f"a log-probability must be <= 0, got {t[key]!r}")
+
+
+def _parse_line(path, lineno, line, need_ref):
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: malformed JSON: {e}") from None
+    validate_record(rec, f"{path}:{lineno}", need_ref)
+    rec["_line"] = lineno
+    return rec
+
+
+def index_lines(path):
+    """(byte offset, line number) of each non-empty line of a JSONL file."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file (write one with generate.py)")
+    out, offset = [], 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                out.append((offset, lineno))
+            offset += len(line)
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def read_record_at(path, offset, lineno, need_ref=True):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return _parse_line(path, lineno, f.readline().decode("utf-8"), need_ref)
 
 
 def read_records(path, need_ref=True):
     """All records of a JSONL file, validated; each gets its line number as '_line'."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: no such file (write one with generate.py)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e}") from None
-            validate_record(rec, f"{path}:{lineno}", need_ref)
-            rec["_line"] = lineno
-            records.append(rec)
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
+    return [read_record_at(path, off, lineno, need_ref) for off, lineno in index_lines(path)]
 
 
 # -----------------------------------------------------------------------------
@@ -686,7 +715,10 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.master:
         full = {k.removeprefix("model."): v.to(save_dtype) for k, v in full.items()}
+        config = policy.model.config
+        config.use_cache, config.dtype = True, save_dtype  # as the source had them: training changed both
         policy.model.save_pretrained(tmp, state_dict=full)
+        config.use_cache = False
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "longpo_config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "step": step}, f, indent=1)
@@ -695,6 +727,18 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
         print0(f"saved {final}")
     if dist.is_initialized():
         dist.barrier()
+
+
+RESUME_FIELDS = ("data", "model", "max_len", "rope_theta", "loss", "turn_agg", "sft_target", "global_batch",
+                 "epochs", "seed", "too_long", "optimizer")  # what fixes the data order and the objective
+
+
+def check_resumable(cfg, path):
+    with open(os.path.join(path, "longpo_config.json")) as f:
+        saved = json.load(f)
+    diff = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise SystemExit(f"--resume from {path}: the run was started with other settings: {'; '.join(diff)}")
 
 
 def load_train_state(path, policy, optimizer):
@@ -749,20 +793,49 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of the process (kB on Linux)
 
 
-def prepare_data(cfg, tokenizer):
-    """Records packed into token tensors, over-long ones skipped with a count (or an error, --too_long error)."""
-    records = read_records(cfg.data, need_ref=cfg.loss == "longpo")
-    branches = ("chosen", "rejected") if cfg.loss != "sft" else (cfg.sft_target,)
-    kept, skipped = [], []
-    for rec in records:
-        packed = pack_record(tokenizer, rec, branches)
-        if packed["max_seq"] > cfg.max_len:
-            if cfg.too_long == "error":
-                raise ValueError(f"{cfg.data}:{rec['_line']}: field 'document': the long sequence has "
-                                 f"{packed['max_seq']} tokens, over --max_len {cfg.max_len}")
-            skipped.append(rec["_line"])
-            continue
-        kept.append((rec, packed))
+def _branches(cfg):
+    return ("chosen", "rejected") if cfg.loss != "sft" else (cfg.sft_target,)
+
+
+def load_example(cfg, tokenizer, entry):
+    """(record, packed sequence) of one data entry, read from its line of the file when it is needed, so that no
+    rank holds the whole data set in memory."""
+    rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
+    try:
+        return rec, pack_record(tokenizer, rec, _branches(cfg))
+    except ValueError as e:
+        raise ValueError(f"{cfg.data}:{entry['line']}: {e}") from None
+
+
+def prepare_data(cfg, tokenizer, env=None):
+    """Validate every record and measure its long sequences, the work split over all ranks; returns the entries
+    that fit --max_len as {offset, line, tokens}. Over-long records are skipped with a count (or, with
+    --too_long error, raise). Packing itself waits until a record is used (load_example)."""
+    rank, world = (env.rank, env.world) if env is not None else (0, 1)
+    lines = index_lines(cfg.data)
+    mine, error = [], None
+    for k in range(rank, len(lines), world):
+        entry = {"offset": lines[k][0], "line": lines[k][1]}
+        try:
+            _, packed = load_example(cfg, tokenizer, entry)
+        except ValueError as e:
+            error = (entry["line"], str(e))
+            break
+        mine.append({**entry, "tokens": packed["max_seq"]})
+    parts = [(mine, error)]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, error))
+    errors = sorted(e for _, e in parts if e is not None)
+    if errors:
+        raise ValueError(errors[0][1])
+    entries = sorted((e for m, _ in parts for e in m), key=lambda e: e["line"])
+    kept = [e for e in entries if e["tokens"] <= cfg.max_len]
+    skipped = [e["line"] for e in entries if e["tokens"] > cfg.max_len]
+    if skipped and cfg.too_long == "error":
+        e = next(e for e in entries if e["tokens"] > cfg.max_len)
+        raise ValueError(f"{cfg.data}:{e['line']}: field 'document': the long sequence has {e['tokens']} tokens, "
+                         f"over --max_len {cfg.max_len}")
     if skipped:
         print0(f"skipped {len(skipped)} record(s) longer than --max_len {cfg.max_len} tokens "
                f"(lines {skipped[:10]}{' ...' if len(skipped) > 10 else ''})")
@@ -772,24 +845,26 @@ def prepare_data(cfg, tokenizer):
 
 
 @torch.no_grad()
-def dpo_reference(cfg, env, policy, data):
+def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     """DPO's reference log π_ref(y | x_L): the initial policy on the long inputs, once, before the first step,
-    through the same sequence-parallel forward. Stored in --out so a resumed run reuses it."""
+    through the same sequence-parallel forward. Stored in --out; only a resumed run reuses the file."""
     path = os.path.join(cfg.out, "dpo_reference.json")
-    if os.path.exists(path):
+    if resume and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     mine = {}
-    for i in range(env.dp_rank, len(data), env.dp):
-        rec, packed = data[i]
+    # every dp group makes the same number of forwards (each one all-gathers FSDP shards over the whole
+    # world); a group past the end repeats its last record and discards the result
+    for k in range(-(-len(data) // env.dp)):
+        i = min(k * env.dp + env.dp_rank, len(data) - 1)
+        rec, packed = load_example(cfg, tokenizer, data[i])
         turn_sums, _ = sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
         n = packed["n"]
         mine[str(i)] = [turn_sums[:n].tolist(), turn_sums[n:].tolist()]
-    gathered = [None] * env.world
+    gathered = [mine]
     if dist.is_initialized():
+        gathered = [None] * env.world
         dist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
     ref = {k: v for part in gathered for k, v in part.items()}
     if env.master:
         with open(path + ".tmp", "w") as f:
@@ -798,12 +873,12 @@ def dpo_reference(cfg, env, policy, data):
     return ref
 
 
-def accumulate(cfg, env, policy, data, indices, accum, ref=None):
+def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
     """Forward and backward of this dp group's records of one step, one packed sequence per micro-step.
     Returns the summed metrics and the number of tokens processed."""
     sums, tokens = {}, 0
     for i in indices:
-        rec, packed = data[i]
+        rec, packed = load_example(cfg, tokenizer, data[i])
         loss, m = record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device,
                               ref[str(i)] if ref is not None else None)
         # FSDP averages gradients over all `world` ranks, but the sp ranks of a group hold parts of one
@@ -824,6 +899,13 @@ def train(cfg):
                           ("too_long", ("skip", "error"))):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    for name, ok in (("beta", cfg.beta > 0), ("lam", cfg.lam >= 0), ("nll_weight", cfg.nll_weight >= 0),
+                     ("lr", cfg.lr > 0), ("global_batch", cfg.global_batch >= 1), ("epochs", cfg.epochs >= 1),
+                     ("save_every", cfg.save_every >= 1), ("logp_chunk", cfg.logp_chunk >= 1),
+                     ("max_len", cfg.max_len >= 2), ("warmup_steps", cfg.warmup_steps >= 0),
+                     ("grad_clip", cfg.grad_clip >= 0)):
+        if not ok:
+            raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
     if cfg.global_batch % env.dp:
         raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of dp = {env.dp}")
     accum = cfg.global_batch // env.dp
@@ -834,9 +916,10 @@ def train(cfg):
     # model, data, optimizer
     param_dtype, _ = _dtype_of(cfg, env.device)
     model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len)
-    save_dtype = getattr(model.config, "dtype", None) or param_dtype
-    save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype
-    data = prepare_data(cfg, tokenizer)
+    from transformers import AutoConfig
+    save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
+    save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
+    data = prepare_data(cfg, tokenizer, env)
     policy = build_policy(cfg, env, model)
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
     optimizer = opt_cls(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -847,15 +930,17 @@ def train(cfg):
         os.makedirs(cfg.out, exist_ok=True)
     start = 0
     if cfg.resume and checkpoints(cfg.out):
+        check_resumable(cfg, checkpoints(cfg.out)[-1])
         start = load_train_state(checkpoints(cfg.out)[-1], policy, optimizer)
         print0(f"resumed from {checkpoints(cfg.out)[-1]} at step {start}")
-    ref = dpo_reference(cfg, env, policy, data) if cfg.loss == "dpo" else None
+    ref = dpo_reference(cfg, env, policy, tokenizer, data, start > 0) if cfg.loss == "dpo" else None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from
         with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-        with open(metrics_path, "w") as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
+        with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
     metrics_file = open(metrics_path, "a") if env.master else None
 
     for step in range(start, len(steps)):
@@ -864,7 +949,7 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # batch, forward, loss, backward
-        sums, tokens = accumulate(cfg, env, policy, data, steps[step][env.dp_rank::env.dp], accum, ref)
+        sums, tokens = accumulate(cfg, env, policy, tokenizer, data, steps[step][env.dp_rank::env.dp], accum, ref)
         # step: clip, update
         params = [p for p in policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -873,7 +958,7 @@ def train(cfg):
         optimizer.zero_grad(set_to_none=True)
         # log: metrics averaged over the global batch (every sp rank holds the same values)
         keys = sorted(sums)
-        vals = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64)
+        vals = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64, device=env.device)
         if dist.is_initialized():
             dist.all_reduce(vals)
         vals = vals / env.sp

@@ -97,6 +97,11 @@ def tiny(tmp_path_factory):
     return d
 
 
+def examples(cfg, tok):
+    """(record, packed) for every record of cfg.data that fits."""
+    return [longpo.load_example(cfg, tok, e) for e in longpo.prepare_data(cfg, tok)]
+
+
 def torchrun(nproc, *args, timeout=300):
     """Run a command under torchrun on CPU/gloo; returns stdout, raising with the output on failure."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -162,10 +167,10 @@ def worker(spec_path):
         cfg = longpo.Config(**case["cfg"])
         env = longpo.setup_distributed(cfg.sp)
         model, tok = longpo.load_model(case["model"], torch.float64, "longpo", 0, 0)
-        data = longpo.prepare_data(cfg, tok)
+        data = longpo.prepare_data(cfg, tok, env)
         if case["mode"] == "sp":  # sequence parallel alone: sum the partial gradients by hand
             policy = longpo.TokenLogps(model, cfg.logp_chunk)
-            rec, packed = data[case["record"]]
+            rec, packed = longpo.load_example(cfg, tok, data[case["record"]])
             loss, _ = longpo.record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device)
             turn_sums, nll_sum = longpo.sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
             loss.backward()
@@ -180,7 +185,7 @@ def worker(spec_path):
             opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
             accum = cfg.global_batch // env.dp
             steps = longpo.schedule(len(data), cfg, env.dp)
-            sums, _ = longpo.accumulate(cfg, env, policy, data, steps[0][env.dp_rank::env.dp], accum)
+            sums, _ = longpo.accumulate(cfg, env, policy, tok, data, steps[0][env.dp_rank::env.dp], accum)
             norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), float("inf"))
             grads = {n.removeprefix("model."): p.grad.full_tensor() for n, p in policy.named_parameters()}
             opt.step()
@@ -322,20 +327,23 @@ def one_record_file(path, tok_dir, n_turns, resp=(3, 20), rej=None, seed=1):
 def test_packed_equals_unshared_one_process(tiny, tmp_path):
     """Prefix sharing at P = 1: per-turn log-probs, NLL, loss and every gradient equal the unshared oracle."""
     exact_rmsnorm()
-    for n_turns, rej in ((1, None), (4, None), (2, 150)):
+    for n_turns, rej, kind in ((1, None, "longpo"), (4, None, "longpo"), (2, 150, "longpo"), (3, None, "sft")):
         data = one_record_file(str(tmp_path / "r.jsonl"), None, n_turns, rej=rej)
-        cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7)
+        cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7, loss=kind)
         model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "longpo")
         ref_model = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")[0]
-        (rec, packed), = longpo.prepare_data(cfg, tok)
+        (rec, packed), = examples(cfg, tok)
         policy = longpo.TokenLogps(model, cfg.logp_chunk)
         loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
         loss.backward()
         want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
         want.backward()
         turn_sums, _ = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))
-        torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
-        assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
+        if kind == "sft":  # only the chosen branch was packed
+            torch.testing.assert_close(turn_sums[:n_turns], sums[0][0], rtol=1e-10, atol=0)
+        else:
+            torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
+            assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
         assert loss.item() == pytest.approx(want.item(), rel=1e-10)
         for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
@@ -380,7 +388,7 @@ def test_sequence_parallel_equals_one_process(families, tmp_path, P):
     for (m, r), case, got in zip(combos, cases, results):
         cfg = longpo.Config(**case["cfg"])
         ref_model, tok = longpo.load_model(models[m], torch.float64, "sdpa")
-        (rec, packed), = longpo.prepare_data(cfg, tok)
+        (rec, packed), = examples(cfg, tok)
         lengths.append(packed["input_ids"].numel())
         want, sums, _ = oracle(ref_model, tok, [rec], cfg)
         want.backward()
@@ -401,7 +409,7 @@ def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
     got, = run_worker(tmp_path, nproc, [{"mode": "fsdp", "model": str(tiny / "model"), "cfg": cfgd}])
     cfg = longpo.Config(**cfgd)
     ref_model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")
-    records = [r for r, _ in longpo.prepare_data(cfg, tok)]
+    records = [r for r, _ in examples(cfg, tok)]
     want, _, _ = oracle(ref_model, tok, [records[i] for i in got["order"]], cfg)
     want.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(ref_model.parameters()), float("inf"))
@@ -463,17 +471,23 @@ def test_checkpoint_and_resume(tiny, tmp_path):
 
 
 def test_sft_and_dpo_run(tiny, tmp_path):
-    """The baselines through the trainer, one process: losses finite; DPO's reference is stored once."""
-    for loss in ("sft", "dpo"):
-        out = tmp_path / loss
-        p = subprocess.run([sys.executable, *map(str, train_args(tiny, out, "--loss", loss, "--max_steps", 1))],
-                           capture_output=True, text=True, cwd=HERE)
-        assert p.returncode == 0, p.stderr[-3000:]
-        m = json.loads(open(out / "metrics.jsonl").readline())
-        assert math.isfinite(m["loss"])
-        if loss == "dpo":  # the reference is the initial policy, so the first step's rewards are zero
-            assert os.path.exists(out / "dpo_reference.json")
-            assert abs(m["reward_chosen"]) < 1e-5 and abs(m["reward_margin"]) < 1e-5
+    """The baselines through the trainer: SFT in one process; DPO under torchrun at dp = 2 with an odd record
+    count (every dp group must make the same number of reference forwards). Losses finite; DPO's reference is
+    stored once, and equals the policy at the first step, so the first rewards are zero."""
+    out = tmp_path / "sft"
+    p = subprocess.run([sys.executable, *map(str, train_args(tiny, out, "--loss", "sft", "--max_steps", 1))],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert math.isfinite(json.loads(open(out / "metrics.jsonl").readline())["loss"])
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(open(tiny / "data.jsonl").readlines()[:3]))
+    out = tmp_path / "dpo"
+    args = train_args(tiny, out, "--loss", "dpo", "--max_steps", 1, "--sp", 1)
+    args[args.index("--data") + 1] = three
+    torchrun(2, *args)
+    m = json.loads(open(out / "metrics.jsonl").readline())
+    assert math.isfinite(m["loss"]) and len(json.load(open(out / "dpo_reference.json"))) == 3
+    assert abs(m["reward_chosen"]) < 1e-5 and abs(m["reward_margin"]) < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -487,6 +501,11 @@ def test_config_flags(monkeypatch):
         longpo.parse_config(longpo.Config, ["--betta", "0.1"])
     with pytest.raises(SystemExit, match="--sp takes a int"):
         longpo.parse_config(longpo.Config, ["--sp", "two"])
+    with pytest.raises(SystemExit, match="--sp takes a int, got '1.5e0'"):
+        longpo.parse_config(longpo.Config, ["--sp", "1.5e0"])
+    assert longpo.parse_config(longpo.Config, ["--max_len", "1.31072e5"]).max_len == 131072
+    with pytest.raises(SystemExit, match="--beta= has an empty value"):
+        longpo.parse_config(longpo.Config, ["--beta=", "--lam", "0.1"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit, match="--sp 3 does not divide the world size 4"):
         longpo.setup_distributed(3)
@@ -543,16 +562,28 @@ def bad_line(tmp_path, mutate):
      r"bad.jsonl:2: field 'turns\[0\].ref_chosen_logp': expected a finite number, got nan"),
     (lambda r: r["turns"][0].update(ref_rejected_logp="-3"),
      r"bad.jsonl:2: field 'turns\[0\].ref_rejected_logp': expected a finite number"),
+    (lambda r: r["turns"][0].update(ref_chosen_logp=41.2),
+     r"bad.jsonl:2: field 'turns\[0\].ref_chosen_logp': a log-probability must be <= 0, got 41.2"),
+    (lambda r: r.update(id=True), r"bad.jsonl:2: field 'id'"),
 ])
 def test_bad_records(tmp_path, mutate, message):
     with pytest.raises(ValueError, match=message):
         longpo.read_records(bad_line(tmp_path, mutate))
 
 
+def test_special_tokens_in_text_are_refused(tiny, tmp_path):
+    """A document holding "<|im_end|>" as text would become a real end-of-turn token inside the prompt."""
+    tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")[1]
+    path = bad_line(tmp_path, lambda r: r.update(document="abcde<|im_end|>fghij" * 3) and None)
+    cfg = longpo.Config(data=path, max_len=4096)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: message 1 contains the special token '<\|im_end\|>'"):
+        longpo.prepare_data(cfg, tok)
+
+
 def test_over_long_records(tiny, capsys):
     tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")[1]
     cfg = longpo.Config(data=str(tiny / "data.jsonl"), max_len=4096)
-    lengths = sorted(p["max_seq"] for _, p in longpo.prepare_data(cfg, tok))
+    lengths = sorted(e["tokens"] for e in longpo.prepare_data(cfg, tok))
     cfg.max_len = lengths[2]
     kept = longpo.prepare_data(cfg, tok)
     printed = capsys.readouterr().out
