@@ -9,7 +9,8 @@ of a generate.py file, the mean token NLL of πS's responses y_S under each mode
 over the response tokens (what the short-to-long constraint bounds), and, with --mc, multiple-choice acc and
 acc_norm as lm-evaluation-harness computes them.
 
-    # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo, 1K-8K (a few CPU minutes)
+    # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo, 1K-8K, 2 samples a task and
+    # length (the base alone: 35 min on a 2-core CPU shared with other jobs; --samples 1 halves it)
     python eval.py
     # several checkpoints, the paper's lengths, short-context retention and a multiple-choice file
     python eval.py --models base=/ckpt/Mistral-7B-Instruct-v0.2 longpo=out/mistral-longpo-128k/step-000500 \
@@ -17,12 +18,20 @@ acc_norm as lm-evaluation-harness computes them.
     # one override: the niah tasks only, four samples each
     python eval.py --tasks niah_single niah_multikey niah_multivalue niah_multiquery --samples 4
 
-A length is prompt plus reference answer tokens, within 1% of the request and never above it (the greedy answer
-may run a few tokens past it). A length beyond a model's max_position_embeddings is warned about and run anyway:
-how a model does past its window is part of what the sweep shows; such cells carry a '*' in the tables and are
-listed under "beyond_max_positions" in the JSON. Effective length (RULER): the largest swept length at which the
-task-average score, and the score at every shorter swept length, is at least --threshold (default 85.6, RULER's
-Llama-2-7B score at 4K); 0 when the shortest length already falls below it.
+A length is prompt plus reference-answer tokens, never above the request and within 1% of it from about 1K tokens
+up (a haystack word or list entry is a few tokens); the greedy answer may run a few tokens past it. Needle depth is
+recorded per sample as the fraction of the context's characters before the needle; the first needle of sample i
+is placed at (i + 0.5) / samples (variable tracking: its first assignment at half that).
+
+A length beyond a model's max_position_embeddings is warned about and run anyway: how a model does past its window
+is part of what the sweep shows. Such cells carry a '*' in the tables and are listed under "beyond_max_positions"
+in the JSON.
+
+Effective length (RULER): the largest swept length at which the task-average score, and the score at every shorter
+swept length, is at least --threshold (default 85.6, RULER's Llama-2-7B score at 4K); 0 (printed "<shortest") when
+the shortest length already falls below it.
+
+On a CPU shared with other jobs, OMP_NUM_THREADS=1 can decode ten times faster than two spinning threads.
 
 Symbols: T tokens, V vocabulary, d hidden size, K option tokens, R response tokens.
 """
@@ -30,7 +39,6 @@ Symbols: T tokens, V vocabulary, d hidden size, K option tokens, R response toke
 import dataclasses
 import itertools
 import json
-import math
 import os
 import random
 import sys
@@ -52,12 +60,15 @@ TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "
 
 @dataclass
 class EvalConfig:
-    models: list = field(default_factory=list)  # name=DIR (or DIR) per model; the first is the baseline of every delta and KL. [] = embedded model + newest checkpoint in --out
+    # name=DIR (or DIR) per model, the first the baseline of every delta and KL; [] = the embedded model and the
+    # newest checkpoint in --out
+    models: list = field(default_factory=list)
     out: str = longpo.Config().out  # where the no-argument run looks for checkpoints (longpo.py's --out)
-    lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # context lengths in tokens, prompt + answer (4096 or 4K)
+    lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
     tasks: list = field(default_factory=lambda: list(TASKS))  # long-context tasks to run
-    samples: int = 2  # samples per task and length (RULER uses 500; 2 keeps the CPU run short)
+    samples: int = 2  # samples per task and length (RULER uses 500; 2 keeps the CPU run within the hour)
     batch: int = 4  # prompts per generate_tokens call
+    max_new_tokens: int = 0  # cap on generated tokens a sample; 0 = 2 x reference-answer tokens + 16
     seed: int = 0  # every haystack, needle and option derives from it
     threshold: float = 85.6  # effective length: task-average score (0-100) a length must reach (RULER's value)
     short_data: str = ""  # generate.py JSONL of held-out records; "" skips NLL and KL
@@ -107,8 +118,8 @@ def pseudo_word(rng, syllables=(2, 3)):
     return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(*syllables)))
 
 
-def distinct(rng, make, n, avoid=()):
-    seen, out = set(avoid), []
+def distinct(rng, make, n):
+    seen, out = set(), []
     while len(out) < n:
         w = make(rng)
         if w not in seen:
@@ -121,12 +132,12 @@ def weave(sentences, needles):
     """Insert needle sentences into the haystack, needle j at the sentence boundary nearest its depth (0 = start,
     1 = end). Returns the text and each needle's measured depth: characters before it / characters in the text."""
     slots = sorted(range(len(needles)), key=lambda j: (round(needles[j][0] * len(sentences)), j))
-    parts, starts, pos, s = [], {}, 0, 0
+    parts, starts, s = [], {}, 0
     for j in slots:
         stop = round(needles[j][0] * len(sentences))
         parts += sentences[s:stop]
         s = stop
-        starts[j] = len(" ".join(parts + [""])) if parts else 0
+        starts[j] = len(" ".join(parts)) + 1 if parts else 0  # the text so far and the space before the needle
         parts.append(needles[j][1])
     parts += sentences[s:]
     text = " ".join(parts)
@@ -183,7 +194,8 @@ def task_vt(rng, seed, depth, length, hops=4):
     value = str(rng.randint(10_000, 99_999))
     depths = [depth * 0.5] + sorted(depth * 0.5 + rng.random() * (1 - depth * 0.5) for _ in range(hops))
     lines = [f"{names[0]} = {value}."] + [f"{names[i]} = {names[i - 1]}." for i in range(1, hops + 1)]
-    question = f"Which variables end up holding the value {value}, directly or through other variables? Name all of them."
+    question = (f"Which variables end up holding the value {value}, directly or through other variables? "
+                "Name all of them.")
 
     def build(k):
         text, got = weave(filler_words(seed, k), list(zip(depths, lines)))
@@ -255,14 +267,18 @@ TASK_BUILDERS = {name: globals()[f"task_{name}"] for name in TASKS}
 # -----------------------------------------------------------------------------
 # sizing a sample to a token length with the model's own tokenizer
 
+def reference(answers, options):
+    """The answer text whose tokens count toward a length: the right option, or the references joined."""
+    return answers[0] if options else ", ".join(answers)
+
+
 def fit_length(tokenizer, build, length):
     """The largest haystack size k whose rendered prompt plus reference answer has at most `length` tokens, by
     doubling then bisection. One more unit of haystack adds a few tokens, so the result lands within 1%."""
     def size(k):
         user, answers, depths, options, answer_index = build(k)
         prompt = longpo.render_chat(tokenizer, [user])[0]  # one user message: ends with the generation prompt
-        answer = answers[0] if options else ", ".join(answers)
-        return len(prompt) + len(tokenizer(answer, add_special_tokens=False)["input_ids"]), prompt
+        return len(prompt) + len(tokenizer(reference(answers, options), add_special_tokens=False)["input_ids"]), prompt
 
     lo, hi = 0, 64
     while size(hi)[0] <= length:
@@ -280,11 +296,13 @@ def make_sample(task, tokenizer, length, index, cfg):
     tag = f"{cfg.seed}/{task}/{length}/{index}"
     build = TASK_BUILDERS[task](random.Random(tag), tag, (index + 0.5) / cfg.samples, length)
     k, tokens, prompt = fit_length(tokenizer, build, length)
+    if tokens > length:
+        raise SystemExit(f"--lengths {length}: the {task} prompt has {tokens} tokens without any haystack")
     user, answers, depths, options, answer_index = build(k)
-    answer = answers[0] if options else ", ".join(answers)
+    n_answer = len(tokenizer(reference(answers, options), add_special_tokens=False)["input_ids"])
     return dict(task=task, length=length, index=index, user=user, prompt_ids=prompt, tokens=tokens, answers=answers,
                 depth=depths[0] if depths else None, depths=depths, options=options, answer_index=answer_index,
-                max_new_tokens=2 * len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 16)
+                max_new_tokens=cfg.max_new_tokens or 2 * n_answer + 16)  # room for a sentence around the answer
 
 
 # -----------------------------------------------------------------------------
@@ -309,7 +327,7 @@ def mc_scores(logliks, choices, answer):
 
 
 def effective_length(scores, threshold):
-    """RULER's effective length: the largest length L with scores[L'] >= threshold for every swept L' <= L; 0 if none."""
+    """RULER's effective length: the largest L with scores[L'] >= threshold for every swept L' <= L; 0 if none."""
     eff = 0
     for length in sorted(scores):
         if scores[length] < threshold:
@@ -339,7 +357,7 @@ def option_logliks(model, prompt_ids, options_ids, prefill_chunk=2048):
             h = model.model(input_ids=y[:, :-1], position_ids=pos, cache=cache, use_cache=True).last_hidden_state
             ll = ll + longpo.chunked_logps(h[0], model.lm_head.weight, y[0, 1:]).double().sum()  # tokens 1..K-1
         out.append(ll.item())
-        cache.crop(x.shape[1] - cache.get_seq_length())  # back to the prompt alone (crop takes minus the tokens to drop)
+        cache.crop(x.shape[1] - cache.get_seq_length())  # back to the prompt (crop takes minus the tokens to drop)
     return out
 
 
@@ -501,10 +519,12 @@ def long_context(cfg, model, tokenizer, name, lengths):
 # -----------------------------------------------------------------------------
 # tables
 
-def format_table(header, rows):
+def format_table(header, rows, text_cols=1):
+    """Plain text columns: the first text_cols left-aligned (names), the numbers right-aligned."""
     cols = list(zip(header, *rows))
     widths = [max(len(str(x)) for x in c) for c in cols]
-    fmt = lambda row: "  ".join(str(x).ljust(w) if j == 0 else str(x).rjust(w) for j, (x, w) in enumerate(zip(row, widths)))
+    fmt = lambda row: "  ".join(str(x).ljust(w) if j < text_cols else str(x).rjust(w)
+                                for j, (x, w) in enumerate(zip(row, widths)))
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
@@ -516,7 +536,7 @@ def tables(report, lengths, threshold):
     for name in names:
         m = report["models"][name]
         rows.append([name] + [f"{m['ruler'][L]:.1f}{mark(name, L)}" for L in lengths]
-                    + [f"{m['ruler_avg']:.1f}", m["effective_length"]])
+                    + [f"{m['ruler_avg']:.1f}", m["effective_length"] or f"<{lengths[0]}"])
     text = ["RULER-like: task-average score (0-100) per length; effective length at threshold "
             f"{threshold} ('*': beyond the model's max positions)",
             format_table(["model"] + [str(L) for L in lengths] + ["avg", "effective"], rows), ""]
@@ -527,7 +547,7 @@ def tables(report, lengths, threshold):
             rows.append([name, task] + [f"{v:.1f}{mark(name, L)}" for v, L in zip(scores, lengths)]
                         + [f"{sum(scores) / len(scores):.1f}"])
     text += ["per task: string_match_all (mc_records: accuracy), 0-100",
-             format_table(["model", "task"] + [str(L) for L in lengths] + ["avg"], rows), ""]
+             format_table(["model", "task"] + [str(L) for L in lengths] + ["avg"], rows, 2), ""]
     short = [(n, report["models"][n].get("short")) for n in names]
     if any(s for _, s in short):
         first = short[0][1] or {}
@@ -589,7 +609,8 @@ def main(cfg):
         long = long_context(cfg, model, tokenizer, name, lengths)
         ruler = {L: sum(long[t][L]["score"] for t in cfg.tasks) / len(cfg.tasks) for L in lengths}
         entry = dict(path=path, max_position_embeddings=max_pos, beyond_max_positions=beyond, long=long, ruler=ruler,
-                     ruler_avg=sum(ruler.values()) / len(ruler), effective_length=effective_length(ruler, cfg.threshold))
+                     ruler_avg=sum(ruler.values()) / len(ruler),
+                     effective_length=effective_length(ruler, cfg.threshold))
         short = {}
         if pairs:
             same_vocab = base_tok is None or base_tok.get_vocab() == tokenizer.get_vocab()

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -17,30 +16,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from test_longpo import make_model, make_records, make_tokenizer  # noqa: E402
-
-# generate.py is written in parallel; until it has generate_tokens, a greedy stand-in through HF generate
-# takes its place in these tests only (eval.py itself always imports the real name)
-STANDIN = None
-try:
-    from generate import generate_tokens  # noqa: F401
-except ImportError:
-    STANDIN = tempfile.mkdtemp(prefix="generate-standin-")
-    with open(os.path.join(STANDIN, "generate.py"), "w") as f:
-        f.write('''import torch
-
-@torch.no_grad()
-def generate_tokens(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-                    prefill_chunk=2048):
-    out = []
-    for p in prompts:
-        y = model.generate(torch.tensor(p)[None], max_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=list(eos_ids), pad_token_id=eos_ids[0])[0, len(p):].tolist()
-        stop = [y.index(t) for t in eos_ids if t in y]
-        out.append((y[:min(stop)] if stop else y, bool(stop)))
-    return out
-''')
-    sys.modules.pop("generate", None)
-    sys.path.insert(0, STANDIN)
 
 import eval as E  # noqa: E402
 import longpo  # noqa: E402
@@ -85,8 +60,8 @@ def test_task_length_answer_and_depth(tok, task, length):
             assert a in ctx
         if task.startswith("niah") or task in ("vt", "mc_records"):
             # each recorded depth is where the sentence holding the answer starts, in characters of the context
-            needle_start = lambda a: ctx.rfind(". ", 0, ctx.index(a)) + 2 if ctx.rfind(". ", 0, ctx.index(a)) >= 0 else 0
-            assert s["depth"] == pytest.approx(needle_start(s["answers"][0]) / len(ctx), abs=1e-12)
+            start = ctx.rfind(". ", 0, ctx.index(s["answers"][0])) + 2  # the needle opens a sentence, never the text
+            assert s["depth"] == pytest.approx(start / len(ctx), abs=1e-12)
             if task != "vt":  # the first needle sits at the requested depth (index + 0.5) / samples, to a sentence
                 n_needles = ctx.count("access code for") + ctx.count("Record ")  # the others shift it a little
                 assert abs(s["depth"] - (index + 0.5) / 2) < (1 + n_needles) / ctx.count(". ") + 0.01
@@ -199,6 +174,28 @@ def test_multiple_choice_by_direct_logliks(tiny64, tmp_path):
     assert E.multiple_choice(model, tok, [items[best_norm]])["acc_norm"] == 100.0
 
 
+def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
+    """The sweep's plumbing: a sampler that echoes the first prompt of a batch (which holds every reference) and
+    returns nothing for the second must give string_match_all 50 on every generated task."""
+    model, tok = tiny64
+    calls = []
+
+    def echo(model, prompts, eos_ids, max_new_tokens, temperature, prefill_chunk):
+        calls.append((len(prompts), temperature, max_new_tokens))
+        return [(p if j == 0 else [], j == 0) for j, p in enumerate(prompts)]
+
+    monkeypatch.setattr(E, "generate_tokens", echo)
+    cfg = E.EvalConfig(samples=2, batch=4)
+    out = E.long_context(cfg, model, tok, "tiny", [1024])
+    for task in E.TASKS[:-1]:
+        assert out[task][1024]["string_match_all"] == 50.0 and out[task][1024]["string_match_part"] == 50.0
+    assert len(calls) == len(E.TASKS) - 1 and all(n == 2 and t == 0.0 and m > 16 for n, t, m in calls)
+    mc = out["mc_records"][1024]
+    for s in mc["samples"]:  # the option picked is the argmax of its log-likelihoods
+        assert s["pred"] == s["options"][max(range(4), key=s["logliks"].__getitem__)]
+    assert mc["score"] == 50.0 * sum(s["pred"] == s["answers"][0] for s in mc["samples"])
+
+
 # -----------------------------------------------------------------------------
 # bad input
 
@@ -249,10 +246,10 @@ def test_end_to_end_tiny_models(tmp_path):
     mc.write_text("".join(json.dumps({"question": f"what is {w}", "choices": ["red", "blue stone", "one tree"],
                                       "answer": j % 3}) + "\n" for j, w in enumerate(["sun", "moon", "key"])))
     out = tmp_path / "eval.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "2",
-           "PYTHONPATH": os.pathsep.join(p for p in (STANDIN, HERE) if p)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
     p = subprocess.run([sys.executable, "eval.py", "--models", f"a={a}", f"b={b}", "--lengths", "1024", "1200",
-                        "--samples", "2", "--short_data", short, "--mc", str(mc), "--json", str(out)],
+                        "--samples", "2", "--max_new_tokens", "8", "--short_data", short, "--mc", str(mc),
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(out.read_text())

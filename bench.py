@@ -1,0 +1,417 @@
+"""Side-by-side measurements for the LongPO reference implementation (arXiv 2502.13922).
+
+Each section runs one comparison, both sides in one run, and prints rows of figures; --json saves them.
+
+    python bench.py                                    # every CPU section
+    python bench.py --only prefix_sharing decode       # some sections
+    python bench.py --only gpu --json gpu.json         # on a CUDA machine: packed vs unshared, tokens/s, MFU
+
+Timings are wall-clock on whatever else the machine is running: the two sides of a comparison alternate, so a
+burst of load elsewhere hits both; read the ratios, not the absolute numbers. Training measurements run in fresh
+processes (torchrun for sp = 2) so that each one's peak memory is its own.
+"""
+
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import generate
+import longpo
+
+
+@dataclass
+class BenchConfig:
+    only: list = field(default_factory=list)  # section names (see SECTIONS); empty = every CPU section
+    json: str = ""  # also write the figures here
+    model: str = ""  # generation: local HF directory; "" = embedded SmolLM2-135M-Instruct
+    repeats: int = 2  # generation: runs per side; the fastest counts
+    steps: int = 2  # training: timed optimizer steps per measurement (after one warm-up step)
+    shape: str = "small"  # training on CPU: random model shape (small | smollm2 | 1b)
+    tokenizer: str = ""  # training: tokenizer directory; "" = the embedded model's
+
+
+def _best(fn, repeats):
+    """(fastest wall time, result of the last run)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _load(model_dir):
+    model, tokenizer = longpo.load_model(model_dir, torch.float32, attn="sdpa")
+    return model.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def bench_decode(model_dir="", batch_sizes=(1, 4), new_tokens=32, repeats=2):
+    """Greedy decode tokens/s of generate.generate_tokens against transformers' model.generate, same prompts, no
+    EOS (every row decodes new_tokens). Decode time = time(new_tokens) - time(1 token), so prefill is not counted."""
+    from transformers import GenerationConfig
+    model, tok = _load(model_dir)
+    questions = ["What is the capital of France?", "Write a short poem about the sea.",
+                 "Explain in two sentences why the sky is blue.", "List three uses of copper."]
+    pad = tok.pad_token_id or 0
+    model.generation_config.eos_token_id = None  # else generate falls back to it and stops at EOS: unequal work
+    figures = {}
+    for B in batch_sizes:
+        prompts = [longpo.render_chat(tok, [questions[b % len(questions)]])[0] for b in range(B)]
+        L = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+
+        def ours(n):
+            return [t for t, _ in generate.generate_tokens(model, prompts, [], n)]
+
+        def hf(n):  # eos_token_id=None: no stop, as on our side
+            gc = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=pad, max_new_tokens=n)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, generation_config=gc)
+            return out[:, L:].tolist()
+
+        ours(2), hf(2)  # warm-up
+        t, tokens = {}, {}
+        for _ in range(repeats):  # the two sides alternate, so a burst of load elsewhere hits both
+            for name, fn in (("ours", ours), ("hf", hf)):
+                for n, key in ((1, name + "_1"), (new_tokens, name)):
+                    t0 = time.perf_counter()
+                    tokens[key] = fn(n)
+                    t[key] = min(t.get(key, float("inf")), time.perf_counter() - t0)
+        ours_tps = B * (new_tokens - 1) / (t["ours"] - t["ours_1"])
+        hf_tps = B * (new_tokens - 1) / (t["hf"] - t["hf_1"])
+        figures[f"B{B}_ours_decode_tok_s"] = round(ours_tps, 2)
+        figures[f"B{B}_hf_generate_decode_tok_s"] = round(hf_tps, 2)
+        figures[f"B{B}_ratio"] = round(ours_tps / hf_tps, 3)
+        figures[f"B{B}_same_tokens"] = tokens["ours"] == tokens["hf"]
+    return figures
+
+
+def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_tokens=8, repeats=1):
+    """Answering n_instructions over one document of about doc_tokens tokens: the document's KV cache computed
+    once and cropped back per instruction (group 1: one copy of the cache) against a fresh prefill per prompt."""
+    model, tok = _load(model_dir)
+    _, doc = generate.synthetic_corpus(tok, 1, doc_tokens - 64, doc_tokens, seed=0)[0]
+    instructions = ["Who repaired the bridge?", "What was counted in the warehouse?",
+                    "How long was the road closed?", "What did the archivist record about copper prices?"]
+    prompts = [longpo.render_chat(tok, [doc + "\n\n" + instructions[i % 4]])[0] for i in range(n_instructions)]
+
+    def fresh():
+        return [generate.generate_tokens(model, [p], [], new_tokens)[0] for p in prompts]
+
+    def reuse():
+        return generate.generate_with_prefix_cache(model, prompts, [], new_tokens, group=1)
+
+    t_reuse, out_reuse = _best(reuse, repeats)
+    t_fresh, out_fresh = _best(fresh, repeats)
+    return {"doc_tokens": len(prompts[0]), "instructions": n_instructions, "new_tokens": new_tokens,
+            "reuse_s": round(t_reuse, 2), "fresh_s": round(t_fresh, 2), "speedup": round(t_fresh / t_reuse, 2),
+            "same_tokens": out_reuse == out_fresh}
+
+
+# -----------------------------------------------------------------------------
+# training: packed (prefix shared) against unshared, and sp = 1 against sp = 2
+#
+# Each measurement runs in a fresh process (torchrun for sp > 1), so that peak memory is its own: on CPU
+# the peak RSS above the level reached after the model is built (glibc told to give large blocks back, so
+# RSS follows live memory), on CUDA torch.cuda.max_memory_allocated. "Unshared" is the same trainer code
+# fed the chosen and the rejected sequences as two separate packed sequences (the released code's way):
+# the same kernels, chunked head and reduction, so only the sharing differs.
+
+LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2)  # a small Llama for CPU figures
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3)  # SmolLM2-135M's shape
+ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4)  # TinyLlama-1.1B's shape
+
+
+def synthetic_record(tokenizer, prefix_tokens, branch_tokens, seed=0):
+    """A one-turn record whose document makes a prefix of about prefix_tokens and whose responses have about
+    branch_tokens each (random words: the content does not matter for speed)."""
+    rng = random.Random(seed)
+    vocab = ("alpha beta gamma delta river stone blue red green key value note number house tree sun moon "
+             "star one two three four five six seven eight nine ten").split()
+
+    def text(n):
+        ids = tokenizer(" ".join(rng.choice(vocab) for _ in range(n)), add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[:n])
+    doc = text(prefix_tokens)
+    return {"id": "bench", "document": doc, "turns": [{
+        "chunk": [0, min(len(doc), 100)], "instruction": "Summarise the note.", "chosen": text(branch_tokens),
+        "rejected": text(branch_tokens), "ref_chosen_logp": -50.0, "ref_rejected_logp": -60.0}]}
+
+
+def _one_step_run(spec):
+    """Entry of a fresh process (or of each torchrun rank) for one measurement."""
+    env = longpo.setup_distributed(spec.get("sp", 0))
+    out = _measure_step(spec, env)
+    longpo.teardown_distributed()
+    return out
+
+
+def _measure_step(spec, env):
+    """Build a random model of spec["shape"], then time spec["steps"] optimizer steps of one record, packed or
+    unshared. Returns step time and peak memory (max over ranks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    longpo._register_attention()
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"] or longpo.default_model_dir())
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), max_position_embeddings=262144, **spec["shape"])
+    torch.manual_seed(0)
+    cfg = longpo.Config(grad_ckpt=True, logp_chunk=spec.get("logp_chunk", 128), lr=1e-6)  # small chunks: at
+    # these lengths a (1024, V) chunk of logits would outweigh the activations being compared
+    param_dtype, _ = longpo._dtype_of(cfg, env.device)
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with env.device:
+        model = AutoModelForCausalLM.from_config(config, dtype=param_dtype, attn_implementation="longpo")
+    policy = longpo.build_policy(cfg, env, model)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    rec = synthetic_record(tok, spec["prefix"], spec["branch"])
+    if spec["mode"] == "packed":
+        seqs = [longpo.pack_record(tok, rec)]
+    else:
+        seqs = [longpo.pack_record(tok, rec, ("chosen",)), longpo.pack_record(tok, rec, ("rejected",))]
+    tokens = sum(s["input_ids"].numel() for s in seqs)
+
+    def step():
+        sums = [longpo.sequence_sums(policy, s, env.sp, env.sp_rank, env.device) for s in seqs]
+        n = seqs[0]["n"]
+        a, b = (sums[0][0][:n], sums[0][0][n:]) if len(seqs) == 1 else (sums[0][0], sums[1][0])
+        nll = sums[0][1] / int(seqs[0]["in_first"].sum())
+        ref = torch.tensor([-50.0], device=env.device, dtype=a.dtype)
+        loss = longpo.longpo_loss(a[None], b[None], ref[None], ref[None], torch.ones(1, n, dtype=torch.bool,
+                                  device=env.device), nll[None])[0].sum()
+        (loss * env.sp).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: the baseline below holds them
+
+    def sync():
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+    step()  # warm-up: kernels, and the gradients and Adam state, which then stay allocated
+    sync()
+    # the baseline is what is live now (weights, gradients, optimizer state): the peak above it is activations
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = current_rss()
+    t0 = time.perf_counter()
+    for _ in range(spec["steps"]):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / spec["steps"]
+    if env.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    stats = torch.tensor([dt, peak], dtype=torch.float64, device=env.device)
+    if dist.is_initialized():
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    total = torch.cuda.max_memory_allocated() if env.device.type == "cuda" else 0
+    return {"step_s": stats[0].item(), "peak_mb": stats[1].item() / 2**20, "tokens": tokens, "vocab": len(tok),
+            "total_peak_gb": total / 2**30}
+
+
+def _spawn(spec, nproc=1):
+    """Runs _one_step_run(spec) in a fresh process (torchrun when nproc > 1); returns its result."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                 "--master_port", str(random.randint(20000, 60000))] if nproc > 1 else [sys.executable])
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    p = subprocess.run([*launcher, os.path.join(here, "bench.py"), "--_one", json.dumps(spec)], capture_output=True,
+                       text=True, env={**os.environ, **LIVE_RSS, "OMP_NUM_THREADS": threads}, cwd=here)
+    if p.returncode:
+        raise RuntimeError(f"bench run {spec} failed:\n{p.stderr[-3000:]}")
+    return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def bench_prefix_sharing(branch=128, ratios=(4, 16, 64), steps=2, shape="small", tokenizer=""):
+    """Step time and peak memory, packed against unshared, at prefix:branch ratios; runs alternate."""
+    rows = []
+    for ratio in ratios:
+        spec = {"shape": SHAPES[shape], "prefix": ratio * branch, "branch": branch, "steps": steps,
+                "tokenizer": tokenizer}
+        packed = _spawn({**spec, "mode": "packed"})
+        unshared = _spawn({**spec, "mode": "unshared"})
+        rows.append({"ratio": f"{ratio}:1", "prefix": ratio * branch, "branch": branch,
+                     "packed_s": packed["step_s"], "unshared_s": unshared["step_s"],
+                     "time_ratio": unshared["step_s"] / packed["step_s"],
+                     "packed_mb": packed["peak_mb"], "unshared_mb": unshared["peak_mb"],
+                     "mem_ratio": packed["peak_mb"] / max(unshared["peak_mb"], 1e-9),
+                     "packed_tok_s": packed["tokens"] / packed["step_s"],
+                     "unshared_tok_s": unshared["tokens"] / unshared["step_s"]})
+        print_row(rows[-1])
+    return rows
+
+
+def bench_sequence_parallel(tokens=8192, branch=256, steps=2, shape="small", tokenizer=""):
+    """The same packed record at sp = 1 and sp = 2 (two processes): step time and per-rank peak memory."""
+    spec = {"shape": SHAPES[shape], "prefix": tokens - 2 * branch, "branch": branch, "steps": steps,
+            "mode": "packed", "tokenizer": tokenizer}
+    one = _spawn(spec, 1)
+    two = _spawn(spec, 2)
+    row = {"tokens": one["tokens"], "sp1_s": one["step_s"], "sp2_s": two["step_s"], "sp1_mb": one["peak_mb"],
+           "sp2_mb": two["peak_mb"], "mem_ratio": two["peak_mb"] / one["peak_mb"],
+           "sp1_tok_s": one["tokens"] / one["step_s"], "sp2_tok_s": two["tokens"] / two["step_s"]}
+    print_row(row)
+    return [row]
+
+
+def train_flops_per_step(shape, vocab, seqs):
+    """Model FLOPs of one forward + backward (3x forward) over the given (query length, key span) attention
+    calls and token count: 6 * params_matmul * tokens + causal attention 4 * D * H * (half the square, per call)."""
+    h, L = shape["hidden_size"], shape["num_hidden_layers"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_token = L * (2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"]) + h * vocab
+    tokens = sum(t for t, _ in seqs)
+    attn = sum(L * 4 * h * (tq * tk - tq * tq / 2) for tq, tk in seqs)  # QK^T and PV over the causal part
+    return 3 * (2 * per_token * tokens + attn)
+
+
+SHAPES = {"small": SMALL, "smollm2": SMOLLM2, "1b": ONE_B}
+
+
+H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H200 SXM (NVIDIA's datasheet figure, without sparsity)
+
+
+def bench_gpu(lengths=(16384, 32768, 65536), shapes=("smollm2", "1b"), steps=2, tokenizer="", peak=H200_BF16_PEAK):
+    """On one GPU, bf16 (FSDP2 mixed precision over a one-rank group): packed against unshared at 16K-64K
+    tokens, branches of T/32 each. tokens/s counts the chosen and the rejected sequence (2p + c + r, what an
+    unshared trainer processes) for both, so the two are comparable; MFU counts each method's own executed
+    FLOPs (matmuls 6 N per token, causal attention as the half square it computes, backward = 2x forward;
+    activation recompute not counted)."""
+    import gc
+    env = longpo.setup_distributed()
+    rows = []
+    for shape in shapes:
+        for T in lengths:
+            b = T // 32
+            p = T - 2 * b
+            spec = {"shape": SHAPES[shape], "prefix": p, "branch": b, "steps": steps, "tokenizer": tokenizer,
+                    "logp_chunk": 1024}
+            res = {}
+            for m in ("packed", "unshared"):  # in this process: CUDA's peak counter resets per measurement
+                res[m] = _measure_step({**spec, "mode": m}, env)
+                gc.collect()
+                torch.cuda.empty_cache()
+            vocab = res["packed"].get("vocab", 49152)
+            pair_tokens = res["unshared"]["tokens"]
+            flops = {"packed": train_flops_per_step(SHAPES[shape], vocab, [(p + b, p + b), (b, p + b)]),
+                     "unshared": train_flops_per_step(SHAPES[shape], vocab, [(p + b, p + b), (p + b, p + b)])}
+            row = {"shape": shape, "tokens": T}
+            for m in ("packed", "unshared"):
+                row[f"{m}_s"] = res[m]["step_s"]
+                row[f"{m}_tok_s"] = pair_tokens / res[m]["step_s"]
+                row[f"{m}_mfu"] = flops[m] / res[m]["step_s"] / peak
+                row[f"{m}_gb"] = res[m]["peak_mb"] / 1024
+            row["speedup"] = res["unshared"]["step_s"] / res["packed"]["step_s"]
+            print_row(row)
+            rows.append(row)
+    longpo.teardown_distributed()
+    return rows
+
+
+def current_rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _logits_run(spec):
+    """In a fresh process: forward + backward of the log-probs of T tokens over a V vocabulary, chunked or
+    through full (T, V) logits; returns the peak RSS above the level before."""
+    T, V, d = spec["T"], spec["V"], spec["d"]
+    torch.manual_seed(0)
+    h = torch.randn(T, d, requires_grad=True)
+    w = torch.randn(V, d, requires_grad=True)
+    y = torch.randint(0, V, (T,))
+    longpo.chunked_logps(h[:8], w[:16], y[:8] % 16).sum().backward()  # warm-up: the math libraries' own buffers
+    h.grad = w.grad = None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if spec["mode"] == "chunked":
+        lp = longpo.chunked_logps(h, w, y, spec["chunk"])
+    else:
+        lp = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
+    lp.sum().backward()
+    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+            "time_s": time.perf_counter() - t0}
+
+
+def logits_peak_mb(T, V, mode, d=64, chunk=1024):
+    return _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": mode, "chunk": chunk})["peak_mb"]
+
+
+def bench_logits_memory(T=8192, V=32768, d=576, chunk=1024):
+    """Peak memory of forward + backward of the token log-probs: chunked LM head against full logits."""
+    full = _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": "full", "chunk": chunk})
+    chunked = _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": "chunked", "chunk": chunk})
+    row = {"T": T, "V": V, "full_mb": full["peak_mb"], "chunked_mb": chunked["peak_mb"],
+           "ratio": chunked["peak_mb"] / full["peak_mb"], "full_s": full["time_s"], "chunked_s": chunked["time_s"]}
+    print_row(row)
+    return [row]
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def print_row(row):
+    print("  " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+          flush=True)
+
+
+SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when asked for
+    "logits_memory": lambda c: bench_logits_memory(),
+    "prefix_sharing": lambda c: bench_prefix_sharing(steps=c.steps, shape=c.shape, tokenizer=c.tokenizer),
+    "sequence_parallel": lambda c: bench_sequence_parallel(steps=c.steps, shape=c.shape, tokenizer=c.tokenizer),
+    "decode": lambda c: [bench_decode(c.model, repeats=c.repeats)],
+    "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
+    "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
+}
+
+
+def main(argv):
+    cfg = longpo.parse_config(BenchConfig, argv)
+    unknown = [s for s in cfg.only if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {unknown}; valid: {list(SECTIONS)}")
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    print(f"{results['date']} on {results['machine']}")
+    for name in cfg.only or [s for s in SECTIONS if s != "gpu"]:
+        t0 = time.time()
+        print(f"{name}:", flush=True)
+        results[name] = SECTIONS[name](cfg)
+        print(f"{name}: done in {time.time() - t0:.0f}s", flush=True)
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def machine():
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_one":  # a measurement in a fresh process (see _spawn)
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(_logits_run(spec) if spec.get("kind") == "logits" else _one_step_run(spec)))
+    else:
+        main(sys.argv[1:])
