@@ -21,6 +21,7 @@ document index, at the end. Symbols: B batch (prompts decoded together), T token
 
 import dataclasses
 import glob
+import inspect
 import json
 import os
 import random
@@ -94,6 +95,13 @@ def _logits(model, hidden):
 
 
 @torch.inference_mode()
+def cache_kwargs(model, cache):
+    """The KV-cache argument of the decoder's forward: `cache` from transformers 5.24 on (where the old name only
+    warns), `past_key_values` before (where `cache` would be silently ignored)."""
+    params = inspect.signature(model.model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
     """Feed input_ids (B, T) after the cache's past tokens, chunk tokens per forward, and return the logits of the
     last position only (B, V): no (T, V) logits are built. attention_mask (B, past + T) marks real tokens (None: no
@@ -106,7 +114,7 @@ def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_i
         e = min(s + chunk, T)
         mask = attention_mask[:, :past + e] if attention_mask is not None else None  # (B, past + e): keys so far
         hidden = model.model(input_ids=input_ids[:, s:e], position_ids=position_ids[:, s:e], attention_mask=mask,
-                             cache=cache, use_cache=True).last_hidden_state  # (B, e - s, d)
+                             **cache_kwargs(model, cache), use_cache=True).last_hidden_state  # (B, e - s, d)
     return _logits(model, hidden[:, -1])  # (B, V)
 
 
@@ -114,7 +122,7 @@ def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_i
 def decode_one_token(model, token, cache, position_ids, attention_mask=None):
     """One step: token (B,) at position_ids (B,) -> logits (B, V). attention_mask (B, past + 1) or None."""
     hidden = model.model(input_ids=token[:, None], position_ids=position_ids[:, None], attention_mask=attention_mask,
-                         cache=cache, use_cache=True).last_hidden_state  # (B, 1, d)
+                         **cache_kwargs(model, cache), use_cache=True).last_hidden_state  # (B, 1, d)
     return _logits(model, hidden[:, -1])  # (B, V)
 
 
@@ -613,6 +621,10 @@ def main(argv):
         docs = synthetic_corpus(tokenizer, max(cfg.max_docs, 1), cfg.max_len // 2, cfg.max_len * 9 // 16, cfg.seed)
     if cfg.max_docs >= 0:
         docs = docs[:cfg.max_docs]
+    # a control-token string in plain text ("<s>" in HTML, say) would be read as the token itself: remove it
+    specials = longpo.special_token_strings(tokenizer)
+    docs = [(source, re.sub("|".join(map(re.escape, specials)), "", text) if specials else text)
+            for source, text in docs]
 
     # parts: this rank appends to its own file; documents in any part file are done
     parts = cfg.out + ".parts"

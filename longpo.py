@@ -416,12 +416,17 @@ def sft_loss(response_logps_sum, response_tokens):
 # data: records, chat rendering, packing
 
 
+def special_token_strings(tokenizer):
+    """The strings that the tokenizer turns into control tokens wherever they appear in text."""
+    return [t for t in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()) if len(t) > 1]
+
+
 def render_chat(tokenizer, messages):
     """Token ids of a chat rendered with the tokenizer's chat template, and the turn of each token: i >= 1 for
     the tokens of assistant response i (its end-of-turn marker included), 0 elsewhere. messages alternate
     user / assistant strings; an odd count ends with the generation prompt (a prompt to answer). Each segment
     is tokenized on its own, so a shared prefix yields the same ids whatever follows it."""
-    specials = [t for t in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()) if len(t) > 1]
+    specials = special_token_strings(tokenizer)
     for i, m in enumerate(messages):  # such a string would be tokenized as the control token itself
         hit = next((t for t in specials if t in m), None)
         if hit:
@@ -488,7 +493,7 @@ def pack_record(tokenizer, record, branches=("chosen", "rejected")):
                 max_seq=max(len(s[0]) for s in seqs))
 
 
-def _check(cond, where, field_name, msg):
+def check_field(cond, where, field_name, msg):
     if not cond:
         raise ValueError(f"{where}: field '{field_name}': {msg}")
 
@@ -499,30 +504,30 @@ def _finite_number(x):
 
 def validate_record(rec, where, need_ref=True):
     """Raises ValueError naming file:line and the field for every malformed part of a DESIGN.md record."""
-    _check(isinstance(rec, dict), where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
-    _check(isinstance(rec.get("id"), str) and rec["id"], where, "id", "missing, empty or not a string")
+    check_field(isinstance(rec, dict), where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
+    check_field(isinstance(rec.get("id"), str) and rec["id"], where, "id", "missing, empty or not a string")
     doc = rec.get("document")
-    _check(isinstance(doc, str) and doc, where, "document", "missing, empty or not a string")
+    check_field(isinstance(doc, str) and doc, where, "document", "missing, empty or not a string")
     turns = rec.get("turns")
-    _check(isinstance(turns, list), where, "turns", "missing or not a list")
-    _check(len(turns) > 0, where, "turns", "empty turn list")
+    check_field(isinstance(turns, list), where, "turns", "missing or not a list")
+    check_field(len(turns) > 0, where, "turns", "empty turn list")
     for i, t in enumerate(turns):
         f = f"turns[{i}]"
-        _check(isinstance(t, dict), where, f, "expected an object")
+        check_field(isinstance(t, dict), where, f, "expected an object")
         ch = t.get("chunk")
-        _check(isinstance(ch, list) and len(ch) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+        check_field(isinstance(ch, list) and len(ch) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                               for x in ch), where, f + ".chunk",
                f"expected [start, end] character offsets, got {ch!r}")
-        _check(0 <= ch[0] < ch[1] <= len(doc), where, f + ".chunk",
+        check_field(0 <= ch[0] < ch[1] <= len(doc), where, f + ".chunk",
                f"span {ch} lies outside the document (length {len(doc)})")
         for key in ("instruction", "chosen", "rejected"):
-            _check(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}", "missing, empty or not a string")
+            check_field(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}", "missing, empty or not a string")
         if need_ref:
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
-                _check(key in t, where, f"{f}.{key}", "missing")
-                _check(_finite_number(t[key]), where, f"{f}.{key}", f"expected a finite number, got {t[key]!r}")
+                check_field(key in t, where, f"{f}.{key}", "missing")
+                check_field(_finite_number(t[key]), where, f"{f}.{key}", f"expected a finite number, got {t[key]!r}")
                 # a log-probability is <= 0: a positive value is a stored NLL or a sign error
-                _check(t[key] <= 0, where, f"{f}.{key}", f"a log-probability must be <= 0, got {t[key]!r}")
+                check_field(t[key] <= 0, where, f"{f}.{key}", f"a log-probability must be <= 0, got {t[key]!r}")
 
 
 def _parse_line(path, lineno, line, need_ref):
