@@ -9,8 +9,8 @@ of a generate.py file, the mean token NLL of πS's responses y_S under each mode
 over the response tokens (what the short-to-long constraint bounds), and, with --mc, multiple-choice acc and
 acc_norm as lm-evaluation-harness computes them.
 
-    # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo, 1K-8K, 2 samples a task and
-    # length (the base alone: 35 min on a 2-core CPU shared with other jobs; --samples 1 halves it)
+    # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo, 1K-8K, 1 sample a task and
+    # length (about 4 min a model at 1K-4K on an idle 2-core CPU; 8K adds about as much again)
     python eval.py
     # several checkpoints, the paper's lengths, short-context retention and a multiple-choice file
     python eval.py --models base=/ckpt/Mistral-7B-Instruct-v0.2 longpo=out/mistral-longpo-128k/step-000500 \
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 import longpo
-from generate import eos_token_ids, generate_tokens, new_cache, prefill
+from generate import cache_kwargs, eos_token_ids, generate_tokens, new_cache, prefill
 from longpo import print0
 
 
@@ -66,7 +66,7 @@ class EvalConfig:
     out: str = longpo.Config().out  # where the no-argument run looks for checkpoints (longpo.py's --out)
     lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
     tasks: list = field(default_factory=lambda: list(TASKS))  # long-context tasks to run
-    samples: int = 2  # samples per task and length (RULER uses 500; 2 keeps the CPU run within the hour)
+    samples: int = 1  # samples per task and length (RULER uses 500; 1 keeps the CPU run to minutes)
     batch: int = 4  # prompts per generate_tokens call
     max_new_tokens: int = 0  # cap on generated tokens a sample; 0 = 2 x reference-answer tokens + 16
     seed: int = 0  # every haystack, needle and option derives from it
@@ -354,7 +354,7 @@ def option_logliks(model, prompt_ids, options_ids, prefill_chunk=2048):
         ll = first[ids[0]].double()
         if len(ids) > 1:
             pos = x.shape[1] + torch.arange(len(ids) - 1, device=device)[None]  # (1, K-1): after the prompt
-            h = model.model(input_ids=y[:, :-1], position_ids=pos, **generate.cache_kwargs(model, cache), use_cache=True).last_hidden_state
+            h = model.model(input_ids=y[:, :-1], position_ids=pos, **cache_kwargs(model, cache), use_cache=True).last_hidden_state
             ll = ll + longpo.chunked_logps(h[0], model.lm_head.weight, y[0, 1:]).double().sum()  # tokens 1..K-1
         out.append(ll.item())
         cache.crop(x.shape[1] - cache.get_seq_length())  # back to the prompt (crop takes minus the tokens to drop)

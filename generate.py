@@ -72,8 +72,8 @@ class GenConfig:
 
 # `python generate.py` with the embedded corpus: lengths scaled to SmolLM2's 8K window and a 2-core CPU. Flags given
 # on the command line win over these.
-EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=2, pool_max_new_tokens=64,
-                max_new_tokens=64, long_group=2)
+EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=4, pool_max_new_tokens=64,
+                max_new_tokens=160, long_group=2)
 # fields that do not change any document's record: a resumed run may differ in them
 RESUME_FREE = ("out", "max_docs", "stop_after")
 

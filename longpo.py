@@ -27,8 +27,7 @@ import resource
 import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -202,7 +201,7 @@ def _seq_to_heads(x, shares, group):
 
 def _heads_to_seq(y, shares, group, num_heads):
     # (B, h_me, T, D) -> (B, H, T/P, D); heads that two ranks held are summed (the adjoint of _seq_to_heads)
-    P, me = len(shares), dist.get_rank(group)
+    P = len(shares)
     B, h_me, T, D = y.shape
     Tl = T // P
     send = y.view(B, h_me, P, Tl, D).permute(2, 1, 0, 3, 4).reshape(P * h_me, B, Tl, D)  # slice i to rank i

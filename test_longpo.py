@@ -18,6 +18,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import bench  # noqa: E402
+import eval as E  # noqa: E402
+import generate as G  # noqa: E402
 import longpo  # noqa: E402
 
 CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
@@ -273,40 +276,11 @@ def test_chunked_logps_equal_full_logits():
         torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
 
 
-MEMORY_PROBE = r"""
-import resource, sys, torch
-sys.path.insert(0, sys.argv[1])
-import longpo
-T, V, d, mode = int(sys.argv[2]), int(sys.argv[3]), 64, sys.argv[4]
-torch.manual_seed(0)
-h = torch.randn(T, d, requires_grad=True); w = torch.randn(V, d, requires_grad=True); y = torch.randint(0, V, (T,))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if mode == "chunked":
-    lp = longpo.chunked_logps(h, w, y, 256)
-else:
-    lp = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
-lp.sum().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
-"""
-
-
-# glibc keeps freed memory for reuse, so peak RSS would depend on allocation history; with a low mmap
-# threshold every large tensor is its own mapping, returned to the system when freed, and peak RSS tracks the
-# peak of live tensor memory
-LIVE_RSS = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def peak_mb(T, V, mode):
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, HERE, str(T), str(V), mode], capture_output=True,
-                         text=True, check=True, env={**os.environ, **LIVE_RSS}).stdout
-    return float(out.split()[-1])
-
-
 def test_chunked_logps_memory_does_not_grow_with_T_times_V():
     """Peak RSS added by forward + backward of the log-probs, measured in fresh processes."""
     V = 16384
-    full = peak_mb(4096, V, "full")
-    small, large = peak_mb(1024, V, "chunked"), peak_mb(4096, V, "chunked")
+    full = bench.logits_peak_mb(4096, V, "full")
+    small, large = bench.logits_peak_mb(1024, V, "chunked", chunk=256), bench.logits_peak_mb(4096, V, "chunked", chunk=256)
     logits_mb = 4096 * V * 4 / 2**20  # 256 MB of fp32 logits at T = 4096
     assert full > logits_mb  # the full path holds at least one (T, V) tensor
     assert large < 0.25 * full  # the chunked path holds a few (256, V) tensors at a time
@@ -591,6 +565,625 @@ def test_over_long_records(tiny, capsys):
     cfg.too_long = "error"
     with pytest.raises(ValueError, match=r"data.jsonl:\d+: field 'document': the long sequence has \d+ tokens"):
         longpo.prepare_data(cfg, tok)
+
+
+
+# =============================================================================
+# generate.py: the sampler against transformers and full recomputation, the data rules, resume
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    out = {}
+    for family in ("llama", "qwen2"):
+        path = make_model(str(d / family), family=family, heads=4, kv_heads=2, layers=2, hidden=32, seed=1)
+        out[family] = path
+    return out
+
+
+def load(path, dtype=torch.float32):
+    model, tok = longpo.load_model(path, dtype, attn="sdpa")
+    return model.eval(), tok
+
+
+def prompts_of(tok, lengths, seed=0):
+    rng = random.Random(seed)
+    return [longpo.render_chat(tok, [words(rng, n)])[0] for n in lengths]
+
+
+def hf_generate(model, tok, prompts, eos, n):
+    """transformers' own greedy generate on a left-padded batch: the independent reference."""
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id)[:, L:].tolist()
+    res = []
+    for row in out:  # generate pads finished rows after their EOS; cut at the first EOS
+        cut = next((j for j, t in enumerate(row) if t in eos), None)
+        res.append((row[:cut] if cut is not None else row, cut is not None))
+    return res
+
+
+# -----------------------------------------------------------------------------
+# sampler
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_equals_transformers_generate(tiny_models, family):
+    model, tok = load(tiny_models[family])
+    prompts = prompts_of(tok, (5, 31, 12, 2))
+    # single prompts, with the model's real EOS (a random model rarely emits it: rows run to max_new_tokens)
+    for p in prompts:
+        eos = [tok.eos_token_id]
+        assert G.generate_tokens(model, [p], eos, 24) == hf_generate(model, tok, [p], eos, 24)
+    # a padded batch with a frequent token as EOS, so that rows stop at different steps
+    free = G.generate_tokens(model, prompts, [tok.eos_token_id], 24)
+    eos = [free[0][0][5]]
+    ours = G.generate_tokens(model, prompts, eos, 24, prefill_chunk=7)
+    assert ours == hf_generate(model, tok, prompts, eos, 24)
+    assert any(f for _, f in ours) and len({len(t) for t, _ in ours}) > 1  # the per-row stops were exercised
+    for t, f in ours:
+        assert eos[0] not in t and (f or len(t) == 24)
+
+
+def test_cached_decoding_equals_full_recomputation(tiny_models):
+    """Every decode step's logits equal one full forward over [prompt; tokens so far] (float64), per row of a
+    left-padded batch, with a chunked prefill."""
+    model, tok = load(tiny_models["llama"], torch.float64)
+    prompts = prompts_of(tok, (9, 20), seed=3)
+    steps = []
+    orig = G.decode_one_token
+
+    def spy(model_, token, cache, position_ids, attention_mask=None):
+        logits = orig(model_, token, cache, position_ids, attention_mask)
+        steps.append(logits)
+        return logits
+
+    G.decode_one_token = spy
+    try:
+        res = G.generate_tokens(model, prompts, [], 6, prefill_chunk=4)
+    finally:
+        G.decode_one_token = orig
+    assert len(steps) == 5
+    for b, (p, (toks, _)) in enumerate(zip(prompts, res)):
+        full = torch.tensor([p + toks])
+        with torch.no_grad():
+            logits = model(full).logits[0]  # (T, V)
+        for k, step_logits in enumerate(steps):  # step k fed toks[k]; its logits predict toks[k + 1]
+            torch.testing.assert_close(step_logits[b].double(), logits[len(p) + k], rtol=1e-9, atol=1e-9)
+
+
+def test_prefix_cache_reuse_equals_fresh_prefills(tiny_models):
+    model, tok = load(tiny_models["llama"])
+    rng = random.Random(5)
+    doc = words(rng, 150)
+    questions = ("what is it", "where", "who sat on the mat then")
+    prompts = [longpo.render_chat(tok, [doc + "\n\n" + q])[0] for q in questions]
+    fresh = [G.generate_tokens(model, [p], [], 10)[0] for p in prompts]
+    p = G.common_prefix_len(prompts)
+    assert p > 100 and all(len(q) > p for q in prompts)
+    for group in (1, 2, 3):
+        G.STATS.clear()
+        reused = G.generate_with_prefix_cache(model, prompts, [], 10, group=group, prefill_chunk=32)
+        assert reused == fresh
+        assert G.STATS["prefill_tokens"] == p + sum(len(q) - p for q in prompts)  # the prefix once, not 3 times
+    # rows that stop early leave the batch; the cache is still cropped back to a clean one-row prefix
+    eos = [fresh[1][0][3]]
+    fresh = [G.generate_tokens(model, [p], eos, 10)[0] for p in prompts]
+    assert any(f for _, f in fresh)
+    assert G.generate_with_prefix_cache(model, prompts + prompts[:1], eos, 10, group=2) == fresh + fresh[:1]
+
+
+def test_nucleus_kept_set_equals_transformers_top_p():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 200, generator=g) * 3
+    for temperature, top_p in ((1.0, 0.9), (0.7, 0.9), (1.3, 0.5), (0.7, 0.05)):
+        probs_sort, idx = G.nucleus(logits, temperature, top_p)
+        ours = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, probs_sort > 0)
+        ref = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        assert torch.equal(ours, ref > -float("inf"))
+        assert 1 <= ours.sum(1).min() and ours.sum(1).max() < 200
+        # draws never leave the nucleus
+        draws = torch.stack([G.sample(logits, temperature, top_p, g) for _ in range(300)], 1)  # (16, 300)
+        assert ours.gather(1, draws).all()
+
+
+def test_sampling_is_reproducible_and_greedy_is_argmax():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    g1, g2, g3 = (torch.Generator().manual_seed(s) for s in (7, 7, 8))
+    a = torch.stack([G.sample(logits, 0.7, 0.9, g1) for _ in range(20)])
+    b = torch.stack([G.sample(logits, 0.7, 0.9, g2) for _ in range(20)])
+    c = torch.stack([G.sample(logits, 0.7, 0.9, g3) for _ in range(20)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(G.sample(logits, 0.0, 0.9, g1), logits.argmax(-1))
+
+
+# -----------------------------------------------------------------------------
+# data rules
+
+
+def test_chunks_cover_the_document_in_token_bounded_spans(tiny_models):
+    _, tok = load(tiny_models["llama"])
+    text = words(random.Random(2), 400)
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    n = len(offsets)
+    spans = G.chunk_spans(offsets, text, 64)
+    assert len(spans) == -(-n // 64)
+    # consecutive, nothing lost or doubled: only whitespace lies between neighbouring spans
+    edges = [0] + [x for span in spans for x in span] + [len(text)]
+    assert all(edges[j] <= edges[j + 1] for j in range(len(edges) - 1))
+    assert all(not text[edges[j]:edges[j + 1]].strip() for j in range(0, len(edges), 2))
+    for s, e in spans:
+        assert len(tok(text[s:e], add_special_tokens=False)["input_ids"]) <= 64 + 1
+        assert text[s:e] == text[s:e].strip()
+    tail = n - (len(spans) - 1) * 64
+    assert len(G.chunk_spans(offsets, text, 64, min_tokens=tail + 1)) == len(spans) - 1  # short tail not sampled
+    rng1, rng2 = random.Random(3), random.Random(3)
+    picked = G.sample_chunks(spans, 4, rng1)
+    assert picked == G.sample_chunks(spans, 4, rng2) and picked == sorted(picked) and len(picked) == 4
+    assert len({tuple(s) for s in picked}) == 4 and all(s in spans for s in picked)
+    assert G.sample_chunks(spans[:2], 4, rng1) == spans[:2]
+
+
+def test_length_filter_boundaries():
+    assert [G.in_length_range(n, 100) for n in (49, 50, 51, 100, 101)] == [False, False, True, True, False]
+
+
+def test_filter_rules():
+    cfg = G.GenConfig()
+    assert G.reject_reason("  \n", True, cfg) == "empty"
+    assert G.reject_reason("The answer is 42", False, cfg) == "cut_off"
+    assert G.reject_reason("I'm sorry, but I cannot help with that.", True, cfg) == "refusal"
+    assert G.reject_reason("As an AI language model, I do not know.", True, cfg) == "refusal"
+    assert G.reject_reason("the crate was red and " * 10, True, cfg) == "repetitive"
+    ok = "Ada Quill counted 382 crates of copper in the grey warehouse on day 12 of the spring season."
+    assert G.reject_reason(ok, True, cfg) is None
+
+
+def test_parse_pool():
+    text = ("Here are four questions:\n1. What did Ada count in the warehouse?\n2) Who repaired the red bridge?\n"
+            "- Who repaired the red bridge?\n3. Why was the road closed? 4. How much did the copper cost at the fair?\n"
+            "ok\n5. When did the ferry captain")
+    assert G.parse_pool(text) == ["What did Ada count in the warehouse?", "Who repaired the red bridge?",
+                                  "Why was the road closed?", "How much did the copper cost at the fair?",
+                                  "When did the ferry captain"]
+    assert G.parse_pool(text, finished=False)[-1] == "How much did the copper cost at the fair?"
+    assert G.parse_pool("") == [] and G.parse_pool("Sure!\nok") == []
+
+
+def test_synthetic_corpus_lengths(tiny_models):
+    _, tok = load(tiny_models["llama"])
+    docs = G.synthetic_corpus(tok, 3, 600, 900, seed=1)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for _, t in docs]
+    assert all(600 < n <= 900 for n in lengths) and len({t for _, t in docs}) == 3
+    assert G.synthetic_corpus(tok, 3, 600, 900, seed=1) == docs
+
+
+def test_bad_corpus_messages(tmp_path, tiny_models):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(SystemExit, match="empty.txt: empty file"):
+        G.read_corpus(str(empty))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"long text \xff\xfe more")
+    with pytest.raises(SystemExit, match=r"bad.txt: not UTF-8 text: byte 0xff at offset 10"):
+        G.read_corpus(str(bad))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text")
+    (folder / "b.jsonl").write_text('{"text": "x"}\n{"body": "y"}\n')
+    with pytest.raises(SystemExit, match=r"b.jsonl:2: expected a JSON object with a string field 'text'"):
+        G.read_corpus(str(folder))
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        G.read_corpus(str(tmp_path / "missing"))
+    short = tmp_path / "short.txt"
+    short.write_text(words(random.Random(0), 30))
+    with pytest.raises(SystemExit, match=r"short.txt: no document has a token length in \(256, 512\]"):
+        G.main(["--model", tiny_models["llama"], "--corpus", str(short), "--max_len", "512",
+                "--out", str(tmp_path / "o.jsonl")])
+
+
+# -----------------------------------------------------------------------------
+# the pipeline end to end: reference log-probs, resume, sharding
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_models):
+    """A tiny model whose generation config lists frequent tokens as EOS (a random model never says <|im_end|>),
+    and a JSONL corpus of five documents, one of them outside the length range."""
+    from transformers import GenerationConfig
+    d = tmp_path_factory.mktemp("pipe")
+    path = make_model(str(d / "model"), family="llama", seed=4)
+    model, tok = load(path)
+    free = G.generate_tokens(model, prompts_of(tok, (8, 20, 30, 14), seed=9), [tok.eos_token_id], 30)
+    common = sorted({t for toks, _ in free for t in toks}, key=lambda t: -sum(x.count(t) for x, _ in free))
+    gc = GenerationConfig.from_pretrained(path)
+    gc.eos_token_id = [tok.eos_token_id] + common[:6]
+    gc.save_pretrained(path)
+    rng = random.Random(1)
+    corpus = d / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for n in (250, 300, 40, 280, 260):
+            f.write(json.dumps({"text": words(rng, n)}) + "\n")
+    args = ["--model", path, "--corpus", str(corpus), "--max_len", "640", "--chunk_tokens", "96",
+            "--min_chunk_tokens", "16", "--chunks_per_doc", "3", "--pool_max_new_tokens", "24",
+            "--max_new_tokens", "24", "--rep_max", "0.9", "--long_group", "2"]
+    return d, path, args
+
+
+def run_generate(*args):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *map(str, args)], capture_output=True,
+                       text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_pipeline_records_and_reference_logps(pipeline):
+    d, path, args = pipeline
+    out = d / "a.jsonl"
+    log = run_generate(*args, "--out", out)
+    records = longpo.read_records(str(out))
+    assert 1 <= len(records) <= 4 and "outside the length range: 1" in log
+    assert [r["id"] for r in records] == sorted(r["id"] for r in records)
+    model, tok = load(path)
+    n_turns = 0
+    for rec in records:
+        for t in rec["turns"]:
+            s, e = t["chunk"]
+            user = rec["document"][s:e] + "\n\n" + t["instruction"]
+            prompt = longpo.render_chat(tok, [user])[0]
+            for key in ("chosen", "rejected"):
+                full = longpo.render_chat(tok, [user, t[key]])[0]
+                assert full[:len(prompt)] == prompt
+                with torch.no_grad():  # a plain forward with full logits: independent of response_logps' chunking
+                    logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)  # (T, V)
+                direct = sum(logp[j - 1, full[j]].item() for j in range(len(prompt), len(full)))
+                assert abs(direct - t[f"ref_{key}_logp"]) < 1e-3 * max(1.0, abs(direct))
+            n_turns += 1
+    assert n_turns >= 2
+    # the per-reason counts are printed and add up with the kept turns
+    counts = {line.split(":")[-2].strip(): int(line.rsplit(":", 1)[1]) for line in log.splitlines()
+              if line.startswith("  ")}
+    assert counts["turns"] == n_turns + sum(v for k, v in counts.items() if k.startswith(("chosen", "rejected",
+                                                                                          "identical")))
+
+
+def test_resume_and_sharding_reproduce_the_file(pipeline):
+    d, path, args = pipeline
+    ref = d / "ref.jsonl"
+    run_generate(*args, "--out", ref)
+    # a crash after one document (with a torn half-written line appended), then a restart
+    out = d / "resumed.jsonl"
+    log = run_generate(*args, "--out", out, "--stop_after", "1")
+    assert not out.exists() and "stopping without merging" in log
+    with open(d / "resumed.jsonl.parts" / "rank-00000.jsonl", "a") as f:
+        f.write('{"index": 3, "record": {"id": "doc-000')
+    log = run_generate(*args, "--out", out)
+    assert "1 already done" in log
+    assert out.read_bytes() == ref.read_bytes()
+    # a finished run rerun: nothing regenerated, same file
+    run_generate(*args, "--out", out)
+    assert out.read_bytes() == ref.read_bytes()
+    # other settings on the same parts are refused
+    p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *args, "--out", str(out), "--seed", "1"],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode and "--seed" in p.stderr
+    # two data-parallel ranks write the same merged file
+    sharded = d / "sharded.jsonl"
+    torchrun(2, "generate.py", *args, "--out", sharded)
+    assert sharded.read_bytes() == ref.read_bytes()
+    assert len(os.listdir(d / "sharded.jsonl.parts")) == 3  # config.json and one part per rank
+
+
+# =============================================================================
+# eval.py: task sizes and depths, scorers by hand, log-likelihoods against a direct computation
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny Mistral in float64, and its tokenizer."""
+    d = str(tmp_path_factory.mktemp("m64"))
+    make_model(d)
+    model, tokenizer = longpo.load_model(d, torch.float64, "sdpa")
+    return model.eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# task generators
+
+
+def context_of(user):
+    return user.split("\n\n")[1]  # every task's user message: intro, blank line, context, blank line, question
+
+
+@pytest.mark.parametrize("length", [1024, 2000])
+@pytest.mark.parametrize("task", E.TASKS)
+def test_task_length_answer_and_depth(tok, task, length):
+    cfg = E.EvalConfig(samples=2)
+    for index in range(2):
+        s = E.make_sample(task, tok, length, index, cfg)
+        answer = s["answers"][0] if s["options"] else ", ".join(s["answers"])
+        n_answer = len(tok(answer, add_special_tokens=False)["input_ids"])
+        # the prompt is the chat rendering of the user message, and prompt + answer is the length to within 1%
+        assert s["prompt_ids"] == longpo.render_chat(tok, [s["user"]])[0]
+        assert s["tokens"] == len(s["prompt_ids"]) + n_answer
+        assert 0.99 * length <= s["tokens"] <= length
+        ctx = context_of(s["user"])
+        for a in s["answers"]:
+            assert a in ctx
+        if task.startswith("niah") or task in ("vt", "mc_records"):
+            # each recorded depth is where the sentence holding the answer starts, in characters of the context
+            start = ctx.rfind(". ", 0, ctx.index(s["answers"][0])) + 2  # the needle opens a sentence, never the text
+            assert s["depth"] == pytest.approx(start / len(ctx), abs=1e-12)
+            if task != "vt":  # the first needle sits at the requested depth (index + 0.5) / samples, to a sentence
+                n_needles = ctx.count("access code for") + ctx.count("Record ")  # the others shift it a little
+                assert abs(s["depth"] - (index + 0.5) / 2) < (1 + n_needles) / ctx.count(". ") + 0.01
+        if task == "mc_records":
+            assert s["options"][s["answer_index"]] == s["answers"][0] and len(set(s["options"])) == 4
+            assert all(o in ctx for o in s["options"])  # the distractors are other records' towns
+        if task == "vt":  # the chain X0 = value, X1 = X0, ... appears in order
+            chain = [ctx.index(f"{s['answers'][0]} = ")] + [ctx.index(f"{b} = {a}.")
+                                                            for a, b in zip(s["answers"], s["answers"][1:])]
+            assert chain == sorted(chain)
+    # the same seed gives the same sample; another index another one
+    assert E.make_sample(task, tok, length, 1, cfg)["user"] == s["user"]
+    assert E.make_sample(task, tok, length, 0, cfg)["user"] != s["user"]
+
+
+def test_cwe_and_fwe_answers_are_the_most_frequent(tok):
+    cfg = E.EvalConfig()
+    s = E.make_sample("cwe", tok, 2048, 0, cfg)
+    entries = [line.split(". ", 1)[1] for line in context_of(s["user"]).split("\n")]
+    counts = {w: entries.count(w) for w in set(entries)}
+    rare_max = max(c for w, c in counts.items() if w not in s["answers"])
+    assert len(s["answers"]) == 10 and min(counts[w] for w in s["answers"]) > rare_max
+    s = E.make_sample("fwe", tok, 2048, 0, cfg)
+    words = context_of(s["user"]).split()
+    top = sorted(set(words), key=lambda w: -words.count(w))[:3]
+    assert sorted(words.count(w) for w in s["answers"]) == sorted(words.count(w) for w in top)
+
+
+# -----------------------------------------------------------------------------
+# scorers, by hand
+
+
+def test_string_match_by_hand():
+    preds = ["The codes are 123 and 456.", "nothing here", "ABC"]
+    refs = [["123", "456", "789"], ["42"], ["abc", "def"]]
+    assert E.string_match_all(preds, refs) == pytest.approx(100 * (2 / 3 + 0 + 1 / 2) / 3)
+    assert E.string_match_part(preds, refs) == pytest.approx(100 * (1 + 0 + 1) / 3)
+
+
+def test_mc_scores_and_effective_length_by_hand():
+    # raw argmax picks option 0; divided by UTF-8 bytes (1, 10, 2): -10, -1.2, -15, so acc_norm picks option 1
+    assert E.mc_scores([-10.0, -12.0, -30.0], ["a", "bbbbbbbbbb", "cc"], 1) == (0.0, 1.0)
+    # "é" is 2 bytes: -3/2 beats -2/1
+    assert E.mc_scores([-2.0, -3.0], ["x", "é"], 1) == (0.0, 1.0)
+    assert E.effective_length({1024: 90.0, 2048: 86.0, 4096: 50.0, 8192: 95.0}, 85.6) == 2048
+    assert E.effective_length({1024: 80.0, 2048: 99.0}, 85.6) == 0
+
+
+# -----------------------------------------------------------------------------
+# log-likelihoods against a direct full-logits computation
+
+
+def direct_logps(model, ids):
+    x = torch.tensor(ids)[None]
+    return model(x).logits[0, :-1].log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]  # (T-1,)
+
+
+def test_option_logliks_equal_direct(tiny64):
+    model, tok = tiny64
+    prompt = longpo.render_chat(tok, ["the cat sat on a mat by the river, what is the key"])[0]
+    options = [tok(o, add_special_tokens=False)["input_ids"] for o in ("blue", "the red stone", "x", "apple tree")]
+    got = E.option_logliks(model, prompt, options, prefill_chunk=7)  # several prefill chunks
+    with torch.no_grad():
+        want = [direct_logps(model, prompt + o)[len(prompt) - 1:].sum().item() for o in options]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert len(set(round(g, 6) for g in got)) == 4
+
+
+def test_short_context_nll_and_kl_equal_direct(tiny64, tmp_path):
+    model, tok = tiny64
+    other, _ = longpo.load_model(make_model(str(tmp_path / "other"), seed=1), torch.float64, "sdpa")
+    pairs = E.read_pairs(make_records(str(tmp_path / "r.jsonl"), n=3), 5)
+    assert len(pairs) == 5
+    got = E.short_context(other, tok, pairs, base=model)
+    self_kl = E.short_context(model, tok, pairs, base=model)["kl"]
+    nll = kl = n = 0.0
+    with torch.no_grad():
+        for msgs in pairs:
+            ids, turns = longpo.render_chat(tok, msgs)
+            keep = torch.tensor(turns[1:]) > 0
+            x = torch.tensor(ids)[None]
+            lp = other(x).logits[0, :-1].log_softmax(-1)[keep]
+            lb = model(x).logits[0, :-1].log_softmax(-1)[keep]
+            nll -= lp.gather(-1, x[0, 1:][keep][:, None]).sum().item()
+            kl += torch.nn.functional.kl_div(lb, lp, log_target=True, reduction="sum").item()  # KL(other || model)
+            n += int(keep.sum())
+    assert got["tokens"] == n and got["pairs"] == 5
+    assert got["nll"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["kl"] == pytest.approx(kl / n, rel=1e-4) and got["kl"] > 0.01
+    assert abs(self_kl) < 1e-6
+    # the NLL is the one longpo.response_logps gives (the reference log-probs of training)
+    total = sum(longpo.response_logps(other, tok, m).sum().item() for m in pairs)
+    assert got["nll"] == pytest.approx(-total / n, rel=1e-5)
+
+
+def test_multiple_choice_by_direct_logliks(tiny64, tmp_path):
+    model, tok = tiny64
+    items = [{"question": "what is the sun", "choices": ["a star", "blue green tree", "one"], "answer": a}
+             for a in range(3)]
+    prompt = longpo.render_chat(tok, [items[0]["question"]])[0]
+    with torch.no_grad():
+        ll = [direct_logps(model, prompt + tok(c, add_special_tokens=False)["input_ids"])[len(prompt) - 1:].sum().item()
+              for c in items[0]["choices"]]
+    best = max(range(3), key=ll.__getitem__)
+    best_norm = max(range(3), key=lambda j: ll[j] / len(items[0]["choices"][j]))
+    got = E.multiple_choice(model, tok, items)
+    assert got["items"] == 3
+    assert got["acc"] == pytest.approx(100 / 3) and got["acc_norm"] == pytest.approx(100 / 3)
+    assert E.multiple_choice(model, tok, [items[best]])["acc"] == 100.0
+    assert E.multiple_choice(model, tok, [items[best_norm]])["acc_norm"] == 100.0
+
+
+def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
+    """The sweep's plumbing: a sampler that echoes the first prompt of a batch (which holds every reference) and
+    returns nothing for the second must give string_match_all 50 on every generated task."""
+    model, tok = tiny64
+    calls = []
+
+    def echo(model, prompts, eos_ids, max_new_tokens, temperature, prefill_chunk):
+        calls.append((len(prompts), temperature, max_new_tokens))
+        return [(p if j == 0 else [], j == 0) for j, p in enumerate(prompts)]
+
+    monkeypatch.setattr(E, "generate_tokens", echo)
+    cfg = E.EvalConfig(samples=2, batch=4)
+    out = E.long_context(cfg, model, tok, "tiny", [1024])
+    for task in E.TASKS[:-1]:
+        assert out[task][1024]["string_match_all"] == 50.0 and out[task][1024]["string_match_part"] == 50.0
+    assert len(calls) == len(E.TASKS) - 1 and all(n == 2 and t == 0.0 and m > 16 for n, t, m in calls)
+    mc = out["mc_records"][1024]
+    for s in mc["samples"]:  # the option picked is the argmax of its log-likelihoods
+        assert s["pred"] == s["options"][max(range(4), key=s["logliks"].__getitem__)]
+    assert mc["score"] == 50.0 * sum(s["pred"] == s["answers"][0] for s in mc["samples"])
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_mc_file_names_file_line_and_field(tmp_path):
+    good = {"question": "q", "choices": ["a", "b"], "answer": 1}
+    cases = [({**good, "answer": 2}, "field 'answer'"), ({**good, "choices": "ab"}, "field 'choices'"),
+             ({**good, "question": ""}, "field 'question'"), ({**good, "answer": True}, "field 'answer'")]
+    for bad, field_msg in cases:
+        p = tmp_path / "mc.jsonl"
+        p.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=rf"mc.jsonl:2: {field_msg}"):
+            E.read_mc(str(p))
+    p.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(ValueError, match="mc.jsonl:2: malformed JSON"):
+        E.read_mc(str(p))
+    with pytest.raises(SystemExit, match="nope.jsonl: no such file"):
+        E.read_mc(str(tmp_path / "nope.jsonl"))
+    p.write_text(json.dumps(good) + "\n")
+    assert E.read_mc(str(p)) == [good]
+
+
+def test_bad_models_and_lengths(tmp_path):
+    with pytest.raises(SystemExit, match="nowhere is not a directory"):
+        E.resolve_models(E.EvalConfig(models=[f"a={tmp_path}/nowhere"]))
+    with pytest.raises(SystemExit, match="has no config.json"):
+        E.resolve_models(E.EvalConfig(models=[f"a={tmp_path}"]))
+    assert E.parse_lengths(["4K", "1024", "2k"]) == [1024, 2048, 4096]
+    with pytest.raises(SystemExit, match="--lengths"):
+        E.parse_lengths(["four"])
+    cfg = longpo.parse_config(E.EvalConfig, ["--models", "a=x", "b=y", "--lengths", "1K", "2K", "--samples", "3"])
+    assert cfg.models == ["a=x", "b=y"] and cfg.lengths == ["1K", "2K"] and cfg.samples == 3
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+def test_end_to_end_tiny_models(tmp_path):
+    a, b = make_model(str(tmp_path / "a")), make_model(str(tmp_path / "b"), seed=1)
+    with open(os.path.join(b, "config.json")) as f:
+        conf = json.load(f)
+    conf["max_position_embeddings"] = 1100  # so that 1200 runs beyond b's positions: warned, run, starred
+    with open(os.path.join(b, "config.json"), "w") as f:
+        json.dump(conf, f)
+    short = make_records(str(tmp_path / "short.jsonl"), n=3)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": f"what is {w}", "choices": ["red", "blue stone", "one tree"],
+                                      "answer": j % 3}) + "\n" for j, w in enumerate(["sun", "moon", "key"])))
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    p = subprocess.run([sys.executable, "eval.py", "--models", f"a={a}", f"b={b}", "--lengths", "1024", "1200",
+                        "--samples", "2", "--max_new_tokens", "8", "--short_data", short, "--mc", str(mc),
+                        "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert list(rep["models"]) == ["a", "b"] and rep["lengths"] == [1024, 1200]
+    for name in ("a", "b"):
+        m = rep["models"][name]
+        assert set(m["long"]) == set(E.TASKS)
+        for task in E.TASKS:
+            assert set(m["long"][task]) == {"1024", "1200"}
+            for L in ("1024", "1200"):
+                cell = m["long"][task][L]
+                assert len(cell["samples"]) == 2 and 0 <= cell["score"] <= 100
+                assert all(0.99 * int(L) <= s["tokens"] <= int(L) for s in cell["samples"])
+        ruler = {int(L): v for L, v in m["ruler"].items()}
+        assert ruler[1024] == pytest.approx(sum(m["long"][t]["1024"]["score"] for t in E.TASKS) / len(E.TASKS))
+        assert m["effective_length"] == E.effective_length(ruler, 85.6)
+        assert m["short"]["pairs"] == sum(len(json.loads(line)["turns"]) for line in open(short))
+        assert m["short"]["items"] == 3
+    assert rep["models"]["a"]["short"]["kl"] == pytest.approx(0, abs=1e-6) and rep["models"]["b"]["short"]["kl"] > 0
+    assert rep["models"]["a"]["beyond_max_positions"] == [] and rep["models"]["b"]["beyond_max_positions"] == [1200]
+    # the three tables, every length and every task
+    assert "warning: b" in p.stdout and "RULER-like" in p.stdout and "per task" in p.stdout
+    assert "short context" in p.stdout and "delta" in p.stdout
+    tables = p.stdout[p.stdout.index("RULER-like"):]
+    for task in E.TASKS:
+        assert tables.count(f" {task} ") == 2
+    row_b = next(line for line in tables.splitlines() if line.startswith("b "))
+    assert row_b.split()[2].endswith("*") and not row_b.split()[1].endswith("*")
+
+
+# =============================================================================
+# the whole method: generate -> train at sp = 2 -> evaluate, and a checkpoint as the next round's πS
+
+
+def test_end_to_end_generate_train_eval(pipeline, tmp_path):
+    """A tiny model writes its own preference data, trains on it under torchrun at sp = 2, is evaluated against
+    itself before training; then the checkpoint is a valid --model for generate.py (round 2's πS)."""
+    d, path, args = pipeline
+    data = tmp_path / "data.jsonl"
+    run_generate(*args, "--out", data)
+    records = longpo.read_records(str(data))
+    assert records and all(len(r["turns"]) >= 1 for r in records)
+    for r in records:
+        assert {"id", "document", "turns", "meta"} <= set(r)
+        for t in r["turns"]:
+            assert t["ref_chosen_logp"] <= 0 and t["ref_rejected_logp"] <= 0
+    out = tmp_path / "run"
+    # --max_len bounds the document in generate.py, the whole multi-turn sequence in longpo.py
+    torchrun(2, "longpo.py", "--data", data, "--model", path, "--out", out, "--max_len", 4096, "--global_batch", 1,
+             "--max_steps", 2, "--lr", 1e-3, "--logp_chunk", 64, "--rope_theta", 0)
+    metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert all(math.isfinite(m[k]) for k in ("loss", "l_mt", "nll", "reward_margin", "grad_norm"))
+    ckpt = longpo.checkpoints(str(out))[-1]
+    report = tmp_path / "eval.json"
+    p = subprocess.run([sys.executable, "eval.py", "--models", f"base={path}", f"longpo={ckpt}", "--lengths", "512",
+                        "640", "--samples", "1", "--max_new_tokens", "8", "--short_data", str(data), "--json",
+                        str(report)], capture_output=True, text=True, timeout=300, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    for name in ("base", "longpo"):
+        m = rep["models"][name]
+        assert set(m["long"]) == set(E.TASKS) and all(set(m["long"][t]) == {"512", "640"} for t in E.TASKS)
+        assert math.isfinite(m["short"]["nll"])
+    assert rep["models"]["base"]["short"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert rep["models"]["longpo"]["short"]["kl"] > 0  # training moved the model
+    # round 2: the checkpoint as πS, writing data for a longer length
+    round2 = tmp_path / "round2.jsonl"
+    log = run_generate(*args[2:], "--model", ckpt, "--out", round2, "--max_docs", 2)
+    assert "documents in the length range" in log
+    assert all(json.loads(x)["meta"]["model"] == ckpt for x in open(round2) if x.strip())
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
