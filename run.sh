@@ -21,14 +21,14 @@ case "${1:-}" in
     ;;
   pipeline)
     install
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread a process: 2 processes on 2 cores, no oversubscription
     stage() { local t0=$SECONDS; echo "== $1"; shift; "$@"; echo "== done in $((SECONDS - t0)) s"; }
     # 1. πS = the embedded SmolLM2-135M-Instruct writes its own short-to-long preference data
     stage "generate" python generate.py --out data/longpo.jsonl
     # 2. LongPO on it, sequence parallel over 2 processes
     # the paper's settings, except --rope_theta 0 (keep the model's own RoPE base): these records stay inside
     # SmolLM2's 8K window, and a new base (the paper's 1e7) is what a run past the window needs
-    stage "train" python -m torch.distributed.run --nproc_per_node 2 longpo.py --data data/longpo.jsonl \
+    # one thread a process: 2 processes on 2 cores (torchrun's default, said here so that it is seen)
+    OMP_NUM_THREADS=1 stage "train" python -m torch.distributed.run --nproc_per_node 2 longpo.py --data data/longpo.jsonl \
       --out out/longpo --max_len 8192 --global_batch 2 --rope_theta 0
     # 3. base against the newest checkpoint in out/longpo: long-context tasks and short-context retention
     stage "eval" python eval.py --lengths 1K 2K 4K --samples 1 --short_data data/longpo.jsonl
