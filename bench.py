@@ -412,6 +412,7 @@ def machine():
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":  # a measurement in a fresh process (see _spawn)
         spec = json.loads(sys.argv[2])
-        print(json.dumps(_logits_run(spec) if spec.get("kind") == "logits" else _one_step_run(spec)))
+        result = _logits_run(spec) if spec.get("kind") == "logits" else _one_step_run(spec)
+        longpo.print0(json.dumps(result))  # rank 0 only: every rank holds the same (max-reduced) figures
     else:
         main(sys.argv[1:])
