@@ -36,6 +36,7 @@ class BenchConfig:
     steps: int = 2  # training: timed optimizer steps per measurement (after one warm-up step)
     shape: str = "small"  # training on CPU: random model shape (small | smollm2 | 1b)
     tokenizer: str = ""  # training: tokenizer directory; "" = the embedded model's
+    tokens: int = 8192  # sequence_parallel: length of the packed record
 
 
 def _best(fn, repeats):
@@ -260,14 +261,16 @@ def bench_prefix_sharing(branch=128, ratios=(4, 16, 64), steps=2, shape="small",
 
 
 def bench_sequence_parallel(tokens=8192, branch=256, steps=2, shape="small", tokenizer=""):
-    """The same packed record at sp = 1 and sp = 2 (two processes): step time and per-rank peak memory."""
+    """The same packed record at sp = 1 and sp = 2, both as 2 processes under FSDP2 (sp = 1 is then dp = 2:
+    each rank runs the whole record), so that FSDP's gathered parameters and unsharded gradients weigh the
+    same on both sides and the per-rank peak compares activations. Time and tokens/s are per record."""
     spec = {"shape": SHAPES[shape], "prefix": tokens - 2 * branch, "branch": branch, "steps": steps,
             "mode": "packed", "tokenizer": tokenizer}
-    one = _spawn(spec, 1)
-    two = _spawn(spec, 2)
-    row = {"tokens": one["tokens"], "sp1_s": one["step_s"], "sp2_s": two["step_s"], "sp1_mb": one["peak_mb"],
-           "sp2_mb": two["peak_mb"], "mem_ratio": two["peak_mb"] / one["peak_mb"],
-           "sp1_tok_s": one["tokens"] / one["step_s"], "sp2_tok_s": two["tokens"] / two["step_s"]}
+    one = _spawn({**spec, "sp": 1}, 2)
+    two = _spawn({**spec, "sp": 2}, 2)
+    row = {"tokens": one["tokens"], "sp1_s_per_record": one["step_s"] / 2, "sp2_s_per_record": two["step_s"],
+           "sp1_mb": one["peak_mb"], "sp2_mb": two["peak_mb"], "mem_ratio": two["peak_mb"] / one["peak_mb"],
+           "sp1_tok_s": 2 * one["tokens"] / one["step_s"], "sp2_tok_s": two["tokens"] / two["step_s"]}
     print_row(row)
     return [row]
 
@@ -378,7 +381,8 @@ def print_row(row):
 SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when asked for
     "logits_memory": lambda c: bench_logits_memory(),
     "prefix_sharing": lambda c: bench_prefix_sharing(steps=c.steps, shape=c.shape, tokenizer=c.tokenizer),
-    "sequence_parallel": lambda c: bench_sequence_parallel(steps=c.steps, shape=c.shape, tokenizer=c.tokenizer),
+    "sequence_parallel": lambda c: bench_sequence_parallel(c.tokens, steps=c.steps, shape=c.shape,
+                                                           tokenizer=c.tokenizer),
     "decode": lambda c: [bench_decode(c.model, repeats=c.repeats)],
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
     "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
