@@ -588,10 +588,7 @@ def main(cfg):
     if pairs is None:
         print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "float64": torch.float64, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    if dtype is None:
-        raise SystemExit(f"--dtype must be auto, float32, float64 or bfloat16, got {cfg.dtype!r}")
+    dtype = longpo.inference_dtype(cfg.dtype, device)
     print0(json.dumps(dataclasses.asdict(cfg)))
 
     report = dict(config=dataclasses.asdict(cfg), lengths=lengths, threshold=cfg.threshold, models={})

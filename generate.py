@@ -604,10 +604,7 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world}: documents split over ranks; corpus: {cfg.corpus or 'embedded synthetic'}")
     longpo.print0(json.dumps(dataclasses.asdict(cfg)))
-    if cfg.dtype not in ("auto", "float32", "float64"):
-        raise SystemExit(f"--dtype must be auto, float32 or float64, got {cfg.dtype!r}")
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(
-        cfg.dtype, torch.bfloat16 if env.device.type == "cuda" else torch.float32)
+    dtype = longpo.inference_dtype(cfg.dtype, env.device, ("auto", "float32", "float64"))
 
     # model and corpus
     model, tokenizer = longpo.load_model(cfg.model, dtype, attn="sdpa")

@@ -312,7 +312,7 @@ class SumOverGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         x = x.clone()
-        dist.all_reduce(x, group=group)
+        dist.all_reduce(x, group=group)  # (2n + 1,) partial sums -> the whole sequence's, on every rank
         return x
 
     @staticmethod
@@ -695,6 +695,15 @@ def _dtype_of(cfg, device):
     if cfg.dtype not in ("auto", "float32"):
         raise SystemExit(f"--dtype must be auto, float32 or float64, got {cfg.dtype!r}")
     return torch.float32, (torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else torch.float32)
+
+
+def inference_dtype(name, device, allowed=("auto", "float32", "float64", "bfloat16")):
+    """--dtype of generate.py and eval.py: auto = bfloat16 on CUDA, float32 on CPU."""
+    if name not in allowed:
+        raise SystemExit(f"--dtype must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def checkpoints(out):
