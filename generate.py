@@ -94,7 +94,6 @@ def _logits(model, hidden):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits upcast; float64 stays float64
 
 
-@torch.inference_mode()
 def cache_kwargs(model, cache):
     """The KV-cache argument of the decoder's forward: `cache` from transformers 5.24 on (where the old name only
     warns), `past_key_values` before (where `cache` would be silently ignored)."""
@@ -102,6 +101,7 @@ def cache_kwargs(model, cache):
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+@torch.inference_mode()
 def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
     """Feed input_ids (B, T) after the cache's past tokens, chunk tokens per forward, and return the logits of the
     last position only (B, V): no (T, V) logits are built. attention_mask (B, past + T) marks real tokens (None: no
@@ -151,6 +151,7 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 # batched generation: left (or middle) padding, per-row stop, a shared document prefix computed once
 
 
+@torch.inference_mode()
 def _generate(model, cache, prompts, past, eos_ids, max_new_tokens, temperature, top_p, generator, prefill_chunk):
     """Continue every row of `cache` (holding `past` shared tokens, or none) with its own prompt, then decode.
     Prompts of unequal length are padded on the left of the prompt, i.e. between the shared prefix and the prompt:

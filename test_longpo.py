@@ -655,6 +655,19 @@ def test_cached_decoding_equals_full_recomputation(tiny_models):
             torch.testing.assert_close(step_logits[b].double(), logits[len(p) + k], rtol=1e-9, atol=1e-9)
 
 
+def test_sampler_builds_no_autograd_graph(tiny_models):
+    """Called outside any no_grad (as eval.py and generate.py call it), the sampler must not record a graph: one
+    would keep every layer's activations of a long prompt alive through the KV cache."""
+    model, tok = load(tiny_models["llama"])
+    assert all(p.requires_grad for p in model.parameters())
+    cache = G.new_cache(model)
+    logits = G.prefill(model, torch.tensor([prompts_of(tok, (20,))[0]]), cache, chunk=8)
+    assert not logits.requires_grad
+    assert not any(layer.keys.requires_grad or layer.values.requires_grad for layer in cache.layers)
+    logits = G.decode_one_token(model, logits.argmax(-1), cache, torch.tensor([cache.get_seq_length()]))
+    assert not logits.requires_grad and not cache.layers[0].keys.requires_grad
+
+
 def test_prefix_cache_reuse_equals_fresh_prefills(tiny_models):
     model, tok = load(tiny_models["llama"])
     rng = random.Random(5)
@@ -1089,6 +1102,10 @@ def test_bad_models_and_lengths(tmp_path):
         E.parse_lengths(["four"])
     cfg = longpo.parse_config(E.EvalConfig, ["--models", "a=x", "b=y", "--lengths", "1K", "2K", "--samples", "3"])
     assert cfg.models == ["a=x", "b=y"] and cfg.lengths == ["1K", "2K"] and cfg.samples == 3
+    assert E.resolve_tasks(["all"]) == list(E.TASKS) and E.resolve_tasks(["vt", "cwe"]) == ["vt", "cwe"]
+    assert set(E.EvalConfig().tasks) < set(E.TASKS)
+    with pytest.raises(SystemExit, match="--tasks: unknown task 'niah'"):
+        E.resolve_tasks(["vt", "niah"])
 
 
 # -----------------------------------------------------------------------------
@@ -1109,7 +1126,7 @@ def test_end_to_end_tiny_models(tmp_path):
     out = tmp_path / "eval.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
     p = subprocess.run([sys.executable, "eval.py", "--models", f"a={a}", f"b={b}", "--lengths", "1024", "1200",
-                        "--samples", "2", "--max_new_tokens", "8", "--short_data", short, "--mc", str(mc),
+                        "--samples", "2", "--max_new_tokens", "8", "--short_data", short, "--mc", str(mc), "--tasks", "all",
                         "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -1175,7 +1192,8 @@ def test_end_to_end_generate_train_eval(pipeline, tmp_path):
     rep = json.loads(report.read_text())
     for name in ("base", "longpo"):
         m = rep["models"][name]
-        assert set(m["long"]) == set(E.TASKS) and all(set(m["long"][t]) == {"512", "640"} for t in E.TASKS)
+        assert set(m["long"]) == set(E.DEFAULT_TASKS)  # no --tasks: the default four
+        assert all(set(m["long"][t]) == {"512", "640"} for t in E.DEFAULT_TASKS)
         assert math.isfinite(m["short"]["nll"])
     assert rep["models"]["base"]["short"]["kl"] == pytest.approx(0, abs=1e-6)
     assert rep["models"]["longpo"]["short"]["kl"] > 0  # training moved the model
