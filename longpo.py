@@ -231,6 +231,11 @@ class AllToAll(torch.autograd.Function):
 # attention: causal over [prefix | chosen], and rejected queries over [prefix | rejected]
 
 
+def flash_applies(q):
+    """flash-attn takes CUDA half-precision tensors only."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _attend(q, k, v, q_to_kv, scaling, lower_right):
     """Causal attention of q (B, h, Tq, D) over k, v (B, hkv, Tk, D); lower_right aligns the causal diagonal to
     the last key (query i sees keys 0 .. Tk - Tq + i), which is how the rejected branch sees the prefix."""
@@ -238,7 +243,7 @@ def _attend(q, k, v, q_to_kv, scaling, lower_right):
         return q
     hq, hkv = q.shape[1], k.shape[1]
     uniform = hq % hkv == 0 and torch.equal(q_to_kv, torch.arange(hq) // (hq // hkv))
-    flash = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    flash = flash_attn_func is not None and flash_applies(q)
     # an uneven share of a GQA group, or torch's lower-right causal kernels (which take no GQA argument): give
     # each local query head its own copy of its kv head
     if not uniform or (lower_right and not flash):

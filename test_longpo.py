@@ -160,6 +160,15 @@ def oracle(model, tok, records, cfg):
     return torch.stack(losses).mean(), sums, nlls
 
 
+def not_saturated(rec, sums, beta=0.1):
+    """Asserts that L_MT's sigmoid argument β·margin (Eq. 13) lies away from its flat tails: out there the loss and
+    its gradients stop depending on the branches, and a comparison of them would check nothing."""
+    refs = [torch.tensor([t[k] for t in rec["turns"]], dtype=torch.float64)
+            for k in ("ref_chosen_logp", "ref_rejected_logp")]
+    margin = (sums[0].logsumexp(0) - refs[0].logsumexp(0)) - (sums[1].logsumexp(0) - refs[1].logsumexp(0))
+    assert abs(beta * margin.item()) < 15, f"record {rec['id']}: beta * margin = {beta * margin.item():.1f}"
+
+
 def worker(spec_path):
     """Runs under torchrun: the distributed side of a comparison, described by a JSON spec; rank 0 saves."""
     spec = json.load(open(spec_path))
@@ -294,6 +303,9 @@ def one_record_file(path, tok_dir, n_turns, resp=(3, 20), rej=None, seed=1):
         rng = random.Random(seed)
         for t in rec["turns"]:
             t["chosen"], t["rejected"] = words(rng, 2), words(rng, rej)
+            # references near what the tiny models give (about -12.4 a word), so that β·margin stays far from the
+            # sigmoid's flat tails and the rejected branch's gradients are really compared (see not_saturated)
+            t["ref_chosen_logp"], t["ref_rejected_logp"] = -45.0, -12.4 * rej
         open(path, "w").write(json.dumps(rec) + "\n")
     return path
 
@@ -318,10 +330,62 @@ def test_packed_equals_unshared_one_process(tiny, tmp_path):
         else:
             torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
             assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
+            not_saturated(rec, sums[0], cfg.beta)
         assert loss.item() == pytest.approx(want.item(), rel=1e-10)
         for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
 
+
+
+def fake_flash_attn_func(q, k, v, causal, softmax_scale, calls):
+    """flash-attn's documented semantics in plain torch: (B, T, H, D) layout, GQA by passing fewer kv heads
+    (query head h reads kv head h // (H / Hkv)), and a causal mask aligned to the bottom-right corner."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    assert causal and H % Hkv == 0 and Tq <= Tk
+    calls.append((Tq, Tk, H, Hkv))
+    k, v = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
+    hidden = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + (Tk - Tq)  # key j after query i's diagonal
+    return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(hidden, -math.inf).softmax(-1), v)
+
+
+def test_flash_attn_path_equals_unshared(tiny, tmp_path, monkeypatch):
+    """The flash-attn branch of the attention (CUDA only in real use) with a stand-in that follows flash-attn's
+    documented semantics: the packed loss and its gradients still equal the unshared oracle in float64, which
+    checks our layout, GQA and bottom-right causal conventions for both attention calls."""
+    exact_rmsnorm()
+    calls = []
+    monkeypatch.setattr(longpo, "flash_attn_func",
+                        lambda q, k, v, causal, softmax_scale: fake_flash_attn_func(q, k, v, causal, softmax_scale,
+                                                                                    calls))
+    monkeypatch.setattr(longpo, "flash_applies", lambda q: True)
+    data = one_record_file(str(tmp_path / "r.jsonl"), None, 2, rej=150)
+    cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7)
+    model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "longpo")
+    ref_model = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")[0]
+    (rec, packed), = examples(cfg, tok)
+    policy = longpo.TokenLogps(model, cfg.logp_chunk)
+    loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
+    loss.backward()
+    want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
+    want.backward()
+    calls.clear()
+    with torch.no_grad():
+        turn_sums = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))[0]
+    torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
+    assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
+    not_saturated(rec, sums[0], cfg.beta)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+    # in that last forward both calls of every layer went through it: [prefix | chosen] square, rejected over
+    # prefix + itself, the GQA groups passed as they are
+    layers = model.config.num_hidden_layers
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert len(calls) == 2 * layers
+    assert {c for c in calls if c[0] == c[1]} == {(packed["p"] + packed["c"],) * 2 + (heads, kv_heads)}
+    assert {c for c in calls if c[0] != c[1]} == {(packed["r"], packed["p"] + packed["r"], heads, kv_heads)}
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +431,7 @@ def test_sequence_parallel_equals_one_process(families, tmp_path, P):
         want, sums, _ = oracle(ref_model, tok, [rec], cfg)
         want.backward()
         torch.testing.assert_close(got["turn_sums"], torch.cat(sums[0]), rtol=1e-10, atol=0)
+        not_saturated(rec, sums[0], cfg.beta)
         assert got["loss"].item() == pytest.approx(want.item(), rel=1e-10), (m, r)
         for name, p in ref_model.named_parameters():
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-7, atol=1e-11, msg=f"{m} {r} {name}")
@@ -1059,7 +1124,7 @@ def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
         return [(p if j == 0 else [], j == 0) for j, p in enumerate(prompts)]
 
     monkeypatch.setattr(E, "generate_tokens", echo)
-    cfg = E.EvalConfig(samples=2, batch=4)
+    cfg = E.EvalConfig(samples=2, batch=4, tasks=list(E.TASKS))
     out = E.long_context(cfg, model, tok, "tiny", [1024])
     for task in E.TASKS[:-1]:
         assert out[task][1024]["string_match_all"] == 50.0 and out[task][1024]["string_match_part"] == 50.0
