@@ -62,7 +62,7 @@ class Config:
     sft_target: str = "chosen"  # --loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)
     # optimisation
     optimizer: str = "adam"  # adam (paper §4.1) | rmsprop (the released recipe)
-    lr: float = 5e-7  # learning rate (paper: 5e-7 for LongPO and DPO, 2e-5 for SFT)
+    lr: float = 0.0  # learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3)
     weight_decay: float = 0.0  # the paper's Adam has none
     warmup_steps: int = 0  # linear warm-up, then constant (the paper states no schedule)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
@@ -747,8 +747,9 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
         dist.barrier()
 
 
-RESUME_FIELDS = ("data", "model", "max_len", "rope_theta", "loss", "turn_agg", "sft_target", "global_batch",
-                 "epochs", "seed", "too_long", "optimizer")  # what fixes the data order and the objective
+RESUME_FIELDS = ("data", "model", "max_len", "rope_theta", "loss", "turn_agg", "sft_target", "beta", "lam",
+                 "nll_weight", "global_batch", "epochs", "seed", "too_long", "optimizer", "lr", "weight_decay",
+                 "warmup_steps", "grad_clip", "dtype")  # what fixes the data order, the objective and the update
 
 
 def check_resumable(cfg, path):
@@ -796,12 +797,11 @@ def build_policy(cfg, env, model):
 def schedule(num_records, cfg, dp):
     """Record indices of every optimizer step: a seeded shuffle per epoch, global_batch records a step. Step s,
     dp group g takes records order[s][g::dp]: a resumed run sees exactly what an uninterrupted one would."""
-    order = []
-    for epoch in range(cfg.epochs):
+    steps = []
+    for epoch in range(cfg.epochs):  # batches never straddle epochs: a record appears at most once a step
         perm = list(range(num_records))
         random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
-        order += perm
-    steps = [order[i:i + cfg.global_batch] for i in range(0, len(order) - cfg.global_batch + 1, cfg.global_batch)]
+        steps += [perm[i:i + cfg.global_batch] for i in range(0, num_records - cfg.global_batch + 1, cfg.global_batch)]
     return steps[:cfg.max_steps] if cfg.max_steps >= 0 else steps
 
 
@@ -815,12 +815,12 @@ def _branches(cfg):
     return ("chosen", "rejected") if cfg.loss != "sft" else (cfg.sft_target,)
 
 
-def load_example(cfg, tokenizer, entry):
+def load_example(cfg, tokenizer, entry, branches=None):
     """(record, packed sequence) of one data entry, read from its line of the file when it is needed, so that no
-    rank holds the whole data set in memory."""
+    rank holds the whole data set in memory. branches: those the loss trains on unless given."""
     rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
     try:
-        return rec, pack_record(tokenizer, rec, _branches(cfg))
+        return rec, pack_record(tokenizer, rec, branches or _branches(cfg))
     except ValueError as e:
         raise ValueError(f"{cfg.data}:{entry['line']}: {e}") from None
 
@@ -835,7 +835,8 @@ def prepare_data(cfg, tokenizer, env=None):
     for k in range(rank, len(lines), world):
         entry = {"offset": lines[k][0], "line": lines[k][1]}
         try:
-            _, packed = load_example(cfg, tokenizer, entry)
+            # both branches measured whatever the loss: the baselines skip the same records as LongPO
+            _, packed = load_example(cfg, tokenizer, entry, ("chosen", "rejected"))
         except ValueError as e:
             error = (entry["line"], str(e))
             break
@@ -912,6 +913,8 @@ def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
 def train(cfg):
     env = setup_distributed(cfg.sp)
     torch.manual_seed(cfg.seed)
+    if cfg.lr == 0:
+        cfg.lr = 2e-5 if cfg.loss == "sft" else 5e-7  # the paper's: §4.1 for LongPO and DPO, B.3 for SFT
     for name, allowed in (("loss", ("longpo", "dpo", "sft")), ("turn_agg", ("eq13", "sum")),
                           ("sft_target", ("chosen", "rejected")), ("optimizer", ("adam", "rmsprop")),
                           ("too_long", ("skip", "error"))):
@@ -930,6 +933,9 @@ def train(cfg):
     print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {accum} record(s) per rank per step; "
            f"flash-attn: {flash_attn_func is not None}")
     print0(json.dumps(dataclasses.asdict(cfg)))
+    if not cfg.resume and checkpoints(cfg.out):  # a fresh run would mix its checkpoints with an earlier run's
+        raise SystemExit(f"--out {cfg.out} holds checkpoints of an earlier run (newest {checkpoints(cfg.out)[-1]}): "
+                         "pass --resume to continue it, or choose another --out")
 
     # model, data, optimizer
     param_dtype, _ = _dtype_of(cfg, env.device)

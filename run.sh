@@ -29,7 +29,7 @@ case "${1:-}" in
     # SmolLM2's 8K window, and a new base (the paper's 1e7) is what a run past the window needs
     # one thread a process: 2 processes on 2 cores (torchrun's default, said here so that it is seen)
     OMP_NUM_THREADS=1 stage "train" python -m torch.distributed.run --nproc_per_node 2 longpo.py --data data/longpo.jsonl \
-      --out out/longpo --max_len 8192 --global_batch 2 --rope_theta 0
+      --out out/longpo --max_len 8192 --global_batch 2 --rope_theta 0 --resume  # a rerun continues, never mixes runs
     # 3. base against the newest checkpoint in out/longpo: long-context tasks and short-context retention
     # (the short-context pairs here are the training records themselves: a real run holds some out)
     stage "eval" python eval.py --short_data data/longpo.jsonl

@@ -6,6 +6,7 @@ CPU only; distributed paths run under torchrun with the gloo backend. Tiny rando
 Qwen2 / Llama models and a byte-level BPE tokenizer trained here stand in for real checkpoints.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -477,7 +478,8 @@ def load_weights(path):
 
 def test_checkpoint_and_resume(tiny, tmp_path):
     """torchrun at sp = 2: an HF directory that transformers loads with no code of ours, and a run interrupted
-    after step 2 and resumed ends with the same weights, optimizer state and logged metrics as one that was not."""
+    after step 2 and resumed ends with the same weights and logged metrics as one that was not (steps 3 and 4
+    after the resume depend on the restored Adam state, so it is checked through them)."""
     from transformers import AutoModelForCausalLM
     full, cut = tmp_path / "full", tmp_path / "cut"
     torchrun(2, *train_args(tiny, full, "--max_steps", 4, "--save_every", 2))
@@ -514,10 +516,12 @@ def test_sft_and_dpo_run(tiny, tmp_path):
     count (every dp group must make the same number of reference forwards). Losses finite; DPO's reference is
     stored once, and equals the policy at the first step, so the first rewards are zero."""
     out = tmp_path / "sft"
-    p = subprocess.run([sys.executable, *map(str, train_args(tiny, out, "--loss", "sft", "--max_steps", 1))],
-                       capture_output=True, text=True, cwd=HERE)
+    args = train_args(tiny, out, "--loss", "sft", "--max_steps", 1)
+    del args[args.index("--lr"):args.index("--lr") + 2]  # no --lr: the paper's for SFT (B.3)
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert math.isfinite(json.loads(open(out / "metrics.jsonl").readline())["loss"])
+    m = json.loads(open(out / "metrics.jsonl").readline())
+    assert math.isfinite(m["loss"]) and m["lr"] == 2e-5
     three = tmp_path / "three.jsonl"
     three.write_text("".join(open(tiny / "data.jsonl").readlines()[:3]))
     out = tmp_path / "dpo"
@@ -548,6 +552,25 @@ def test_config_flags(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit, match="--sp 3 does not divide the world size 4"):
         longpo.setup_distributed(3)
+
+
+def test_schedule_and_resume_settings(tmp_path):
+    # 5 records, batches of 2, 3 epochs: 2 steps an epoch, none straddling two epochs (no record twice in a step)
+    steps = longpo.schedule(5, longpo.Config(global_batch=2, epochs=3), 1)
+    assert len(steps) == 6 and all(len(set(s)) == 2 for s in steps)
+    assert all(len(set(steps[2 * e] + steps[2 * e + 1])) == 4 for e in range(3))
+    # a resume refuses a change of the objective or of the update, and names it
+    ckpt = tmp_path / "step-000002"
+    ckpt.mkdir()
+    (ckpt / "longpo_config.json").write_text(json.dumps({**dataclasses.asdict(longpo.Config(lr=5e-7)), "step": 2}))
+    longpo.check_resumable(longpo.Config(lr=5e-7, max_steps=10, save_every=3), str(ckpt))  # free to change
+    for flag, value in (("beta", 0.01), ("lam", 1.0), ("lr", 1e-6), ("grad_clip", 0.0)):
+        with pytest.raises(SystemExit, match=f"--{flag} "):
+            longpo.check_resumable(longpo.Config(**{"lr": 5e-7, flag: value}), str(ckpt))
+    # a fresh run into an --out that holds checkpoints stops before loading anything
+    p = subprocess.run([sys.executable, "longpo.py", "--out", str(tmp_path), "--data", "nowhere.jsonl"],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode != 0 and "holds checkpoints of an earlier run" in p.stderr and "--resume" in p.stderr
 
 
 def test_model_settings_and_sliding_window(families):
