@@ -6,8 +6,9 @@ multi-query), variable tracking, common- and frequent-words extraction, scored b
 multiple-choice retrieval over records scored by the log-likelihood of its options (accuracy). Greedy decoding
 with the chat template (generate.py's sampler). Short context (Table 3): on held-out (chunk, instruction) pairs
 of a generate.py file, the mean token NLL of πS's responses y_S under each model and KL(model || first model)
-over the response tokens (what the short-to-long constraint bounds), and, with --mc, multiple-choice acc and
-acc_norm as lm-evaluation-harness computes them.
+per response token, both models given the short input (a token-level proxy for the drift the short-to-long
+constraint of Eq. 10 bounds, which compares the policy on x_L with πS on x_S), and, with --mc, multiple-choice acc
+and acc_norm as lm-evaluation-harness computes them.
 
     # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo: one task per RULER category
     # (niah_single, vt, fwe, mc_records) at 1K-8K, 1 sample each (about 4 min a model on an idle 2-core CPU)
@@ -30,8 +31,8 @@ is part of what the sweep shows. Such cells carry a '*' in the tables and are li
 in the JSON.
 
 Effective length (RULER): the largest swept length at which the task-average score, and the score at every shorter
-swept length, is at least --threshold (default 85.6, RULER's Llama-2-7B score at 4K); 0 (printed "<shortest") when
-the shortest length already falls below it.
+swept length, exceeds --threshold (default 85.6, RULER's Llama-2-7B score at 4K, an average over RULER's 13 tasks:
+over another task set, a guide rather than a comparison); 0 (printed "<shortest") when the shortest length does not.
 
 On a CPU shared with other jobs, OMP_NUM_THREADS=1 can decode ten times faster than two spinning threads.
 
@@ -58,8 +59,9 @@ from longpo import print0
 # config
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "mc_records")
-# the default: one task per RULER category (retrieval, multi-hop tracing, aggregation, question answering), so that
-# the no-argument run on a 2-core CPU takes minutes: an 8K prompt of SmolLM2-135M costs about 30 s to prefill there
+# the default: one task per RULER category (retrieval, multi-hop tracing, aggregation, and for question answering
+# a retrieval scored as multiple choice: RULER's QA generates answers from real QA data, which is not offline), so
+# that the no-argument run on a 2-core CPU takes minutes: an 8K prompt of SmolLM2-135M costs about 30 s to prefill
 DEFAULT_TASKS = ("niah_single", "vt", "fwe", "mc_records")
 
 
@@ -213,7 +215,7 @@ def task_vt(rng, seed, depth, length, hops=4):
 def task_cwe(rng, seed, depth, length, n_common=10):
     """Common-words extraction: a numbered list of k words where n_common words occur c times each and every other
     word fewer than c/4 times (c grows with k, as RULER's frequencies do with length); name the n_common."""
-    pool = distinct(rng, pseudo_word, n_common + length // 2)
+    pool = distinct(rng, pseudo_word, n_common + 250)  # build(k) reads at most rare[248], whatever k
     common, rare = pool[:n_common], pool[n_common:]
 
     def build(k):
@@ -326,17 +328,19 @@ def string_match_part(preds, refs):
 
 def mc_scores(logliks, choices, answer):
     """lm-evaluation-harness: acc = argmax of the options' log-likelihoods is the answer; acc_norm the same with each
-    log-likelihood divided by the option's length in UTF-8 bytes. Returns (acc, acc_norm) as 0/1."""
+    log-likelihood divided by the option's length, len(choice) in characters as the harness's code divides (its
+    docs say bytes; the two differ only for non-ASCII text). Returns (acc, acc_norm) as 0/1."""
     argmax = lambda xs: max(range(len(xs)), key=xs.__getitem__)  # the first of equal maxima, like numpy's
-    norm = [ll / len(c.encode("utf-8")) for ll, c in zip(logliks, choices)]
+    norm = [ll / len(c) for ll, c in zip(logliks, choices)]
     return float(argmax(logliks) == answer), float(argmax(norm) == answer)
 
 
 def effective_length(scores, threshold):
-    """RULER's effective length: the largest L with scores[L'] >= threshold for every swept L' <= L; 0 if none."""
+    """RULER's effective length: the largest L with scores[L'] > threshold (RULER: "exceeds") for every swept
+    L' <= L; 0 if none."""
     eff = 0
     for length in sorted(scores):
-        if scores[length] < threshold:
+        if scores[length] <= threshold:
             break
         eff = length
     return eff
@@ -517,8 +521,9 @@ def long_context(cfg, model, tokenizer, name, lengths):
                     outs = generate_tokens(model, [s["prompt_ids"] for s in group], eos,
                                            max(s["max_new_tokens"] for s in group), temperature=0.0,
                                            prefill_chunk=cfg.prefill_chunk)
-                    for s, (tokens, _) in zip(group, outs):
-                        s["pred"] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    for s, (tokens, _) in zip(group, outs):  # each sample held to its own budget: --batch
+                        # changes nothing in the scores
+                        s["pred"] = tokenizer.decode(tokens[:s["max_new_tokens"]], skip_special_tokens=True).strip()
                 preds, refs = [s["pred"] for s in samples], [s["answers"] for s in samples]
                 res = dict(score=string_match_all(preds, refs), string_match_all=string_match_all(preds, refs),
                            string_match_part=string_match_part(preds, refs))
@@ -572,6 +577,9 @@ def tables(report, lengths, threshold):
         for name, s in short:
             row = [name]
             for k in keys:
+                if k not in (s or {}):  # e.g. the KL of a model with another vocabulary: not defined
+                    row += ["n/a"] + ([] if k == "kl" else ["n/a"])
+                    continue
                 row += [f"{s[k]:.4f}" if k in ("nll", "kl") else f"{s[k]:.1f}"]
                 if k != "kl":
                     row += [f"{s[k] - first[k]:+.4f}" if k == "nll" else f"{s[k] - first[k]:+.1f}"]
@@ -637,7 +645,7 @@ def main(cfg):
             print0(f"[{name}] short context: " + ", ".join(f"{k} {v:.4g}" for k, v in short.items()))
         report["models"][name] = entry
         print0(f"[{name}] done in {time.time() - t0:.1f} s")
-        if base is None:  # the first model stays loaded: the KL of every later one is taken against it
+        if base is None and pairs:  # the first model stays loaded only for the KL of every later one against it
             base, base_tok = model, tokenizer
         else:
             del model

@@ -261,9 +261,7 @@ def eos_token_ids(model, tokenizer):
     ids = {tokenizer.eos_token_id}
     g = model.generation_config.eos_token_id
     ids |= set(g) if isinstance(g, (list, tuple)) else {g}
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|end|>") if t in vocab}
-    return sorted(i for i in ids if i is not None)
+    return sorted(i for i in ids | longpo.end_of_turn_ids(tokenizer) if i is not None)
 
 
 # -----------------------------------------------------------------------------
@@ -433,12 +431,15 @@ def is_repetitive(text, n=4, max_repeat=0.3):
     return len(grams) > 1 and 1 - len(set(grams)) / len(grams) > max_repeat
 
 
-def reject_reason(text, finished, cfg):
-    """Why a response is dropped, or None: empty, cut_off (hit max_new_tokens), refusal, repetitive."""
+def reject_reason(text, finished, cfg, specials=()):
+    """Why a response is dropped, or None: empty, cut_off (hit max_new_tokens), special_token_text (a control
+    token's string spelled out in ordinary tokens, which training could not render), refusal, repetitive."""
     if not text.strip():
         return "empty"
     if not finished:
         return "cut_off"
+    if any(t in text for t in specials):
+        return "special_token_text"
     head = text[:200].lower().replace("’", "'")
     if any(r in head for r in REFUSALS):
         return "refusal"
@@ -463,6 +464,7 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     rng = random.Random(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     counts = Counter()
+    specials = longpo.special_token_strings(tokenizer)
 
     def render(user):  # a prompt to answer, tokenized exactly as training renders its user turns
         return longpo.render_chat(tokenizer, [user])[0]
@@ -478,6 +480,7 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     instructions = []
     for toks, finished in pools:
         pool = parse_pool(tokenizer.decode(toks, skip_special_tokens=True), finished)
+        pool = [p for p in pool if not any(t in p for t in specials)]  # unrenderable: see reject_reason
         if not pool:
             counts["fallback_instruction"] += 1  # a small πS may write no usable line
             pool = [FALLBACK_INSTRUCTION]
@@ -490,7 +493,7 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     kept = []
     for (s, e), ins, (toks, finished) in zip(spans, instructions, chosen):
         y_s = tokenizer.decode(toks, skip_special_tokens=True).strip()
-        reason = reject_reason(y_s, finished, cfg)
+        reason = reject_reason(y_s, finished, cfg, specials)
         if reason:
             counts["dropped: chosen " + reason] += 1
         else:
@@ -502,7 +505,7 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     turns = []
     for t, (toks, finished) in zip(kept, rejected):
         t["rejected"] = tokenizer.decode(toks, skip_special_tokens=True).strip()
-        reason = reject_reason(t["rejected"], finished, cfg)
+        reason = reject_reason(t["rejected"], finished, cfg, specials)
         reason = "rejected " + reason if reason else None
         if reason is None and t["rejected"] == t["chosen"]:
             reason = "identical"  # no preference to learn: chosen and rejected rewards would be equal
@@ -554,9 +557,11 @@ def part_files(parts):
     return sorted(glob.glob(os.path.join(parts, "rank-*.jsonl")))
 
 
-def check_parts_config(cfg, parts):
-    """Parts written under other settings would mix two datasets: refuse, naming the differing flags."""
-    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}
+def check_parts_config(cfg, parts, dtype):
+    """Parts written under other settings would mix two datasets: returns the refusal naming the differing flags,
+    or None (and records the settings when the folder is new). dtype: the resolved one (--dtype auto is bfloat16
+    on CUDA and float32 on CPU)."""
+    mine = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}, "resolved_dtype": str(dtype)}
     path = os.path.join(parts, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -564,11 +569,12 @@ def check_parts_config(cfg, parts):
         diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
         if diff:
             flags = ", ".join("--" + k for k in diff)
-            raise SystemExit(f"{parts} holds documents generated with other settings ({flags}); pass the same flags "
-                             f"to resume, or delete {parts} to start over")
+            return (f"{parts} holds documents generated with other settings ({flags}); pass the same flags (and "
+                    f"device) to resume, or delete {parts} to start over")
     else:
         with open(path, "w") as f:
             json.dump(mine, f, indent=1)
+    return None
 
 
 def merge_parts(parts, out, n_docs):
@@ -626,11 +632,17 @@ def main(argv):
 
     # parts: this rank appends to its own file; documents in any part file are done
     parts = cfg.out + ".parts"
+    refusal = None
     if env.master:
         os.makedirs(parts, exist_ok=True)
-        check_parts_config(cfg, parts)
-    if dist.is_initialized():
-        dist.barrier()
+        refusal = check_parts_config(cfg, parts, dtype)
+    if dist.is_initialized():  # every rank stops on rank 0's refusal (none waits at a barrier for ever)
+        box = [refusal]
+        dist.broadcast_object_list(box, 0)
+        refusal = box[0]
+    if refusal:
+        longpo.teardown_distributed()
+        raise SystemExit(refusal)
     my_part = os.path.join(parts, f"rank-{env.rank:05d}.jsonl")
     repair_part(my_part)
     done = {line["index"] for p in part_files(parts) for line in read_part(p)}

@@ -425,9 +425,19 @@ def special_token_strings(tokenizer):
     return [t for t in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()) if len(t) > 1]
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")  # chat templates' end-of-turn markers (ChatML, Llama 3, Phi)
+
+
+def end_of_turn_ids(tokenizer):
+    """The token ids that end an assistant turn: the tokenizer's EOS and any end-of-turn marker it has."""
+    vocab = tokenizer.get_vocab()
+    return {i for i in [tokenizer.eos_token_id, *(vocab.get(t) for t in END_OF_TURN)] if i is not None}
+
+
 def render_chat(tokenizer, messages):
     """Token ids of a chat rendered with the tokenizer's chat template, and the turn of each token: i >= 1 for
-    the tokens of assistant response i (its end-of-turn marker included), 0 elsewhere. messages alternate
+    the tokens of assistant response i up to its end-of-turn marker included (what the sampler produces: not the
+    template's text after the marker, such as ChatML's newline), 0 elsewhere. messages alternate
     user / assistant strings; an odd count ends with the generation prompt (a prompt to answer). Each segment
     is tokenized on its own, so a shared prefix yields the same ids whatever follows it."""
     specials = special_token_strings(tokenizer)
@@ -437,6 +447,7 @@ def render_chat(tokenizer, messages):
             raise ValueError(f"message {i + 1} contains the special token {hit!r} as text")
     chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
     ids, turns, done = [], [], ""
+    stops = end_of_turn_ids(tokenizer)
     for k in range(1, len(chat) + 1):
         text = tokenizer.apply_chat_template(chat[:k], tokenize=False, add_generation_prompt=k % 2 == 1)
         if not text.startswith(done):
@@ -444,7 +455,8 @@ def render_chat(tokenizer, messages):
                              "LongPO needs prefix-stable rendering to mask responses")
         seg = tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
         ids += seg
-        turns += [k // 2 if k % 2 == 0 else 0] * len(seg)
+        n = next((j + 1 for j, x in enumerate(seg) if x in stops), len(seg)) if k % 2 == 0 else 0
+        turns += [k // 2] * n + [0] * (len(seg) - n)  # response k/2: its tokens through the end-of-turn marker
         done = text
     return ids, turns
 

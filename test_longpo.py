@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -266,9 +267,10 @@ def test_render_chat_masks_responses(tiny):
     ids, turns = longpo.render_chat(tok, longpo.long_messages(rec, "chosen"))
     n = len(rec["turns"])
     assert max(turns) == n
-    for i, t in enumerate(rec["turns"]):  # response i's tokens decode to the response and its end-of-turn marker
+    for i, t in enumerate(rec["turns"]):  # response i's tokens decode to the response and its end-of-turn marker,
+        # not to the template's newline after it, which the sampler never produces
         text = tok.decode([x for x, k in zip(ids, turns) if k == i + 1])
-        assert text.startswith(t["chosen"]) and "<|im_end|>" in text
+        assert text == t["chosen"] + "<|im_end|>"
     assert tok.decode(ids).startswith("<|im_start|>user\n" + rec["document"] + "\n\n" + rec["turns"][0]["instruction"])
 
 
@@ -842,6 +844,10 @@ def test_filter_rules():
     assert G.reject_reason("the crate was red and " * 10, True, cfg) == "repetitive"
     ok = "Ada Quill counted 382 crates of copper in the grey warehouse on day 12 of the spring season."
     assert G.reject_reason(ok, True, cfg) is None
+    # a control token's string spelled out in ordinary tokens (SmolLM2 can write "<|im_end|>" that way): dropped,
+    # since render_chat would refuse the record
+    assert G.reject_reason(ok + " <|im_end|>", True, cfg, ["<|im_end|>", "<|im_start|>"]) == "special_token_text"
+    assert G.reject_reason(ok, True, cfg, ["<|im_end|>"]) is None
 
 
 def test_parse_pool():
@@ -941,7 +947,8 @@ def test_pipeline_records_and_reference_logps(pipeline):
                 assert full[:len(prompt)] == prompt
                 with torch.no_grad():  # a plain forward with full logits: independent of response_logps' chunking
                     logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)  # (T, V)
-                direct = sum(logp[j - 1, full[j]].item() for j in range(len(prompt), len(full)))
+                end = full.index(tok.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1  # the marker included
+                direct = sum(logp[j - 1, full[j]].item() for j in range(len(prompt), end))
                 assert abs(direct - t[f"ref_{key}_logp"]) < 1e-3 * max(1.0, abs(direct))
             n_turns += 1
     assert n_turns >= 2
@@ -977,6 +984,9 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     torchrun(2, "generate.py", *args, "--out", sharded)
     assert sharded.read_bytes() == ref.read_bytes()
     assert len(os.listdir(d / "sharded.jsonl.parts")) == 3  # config.json and one part per rank
+    # ... and other settings are refused on every rank under torchrun (none is left waiting at a barrier)
+    with pytest.raises(AssertionError, match="holds documents generated with other settings"):
+        torchrun(2, "generate.py", *args, "--out", sharded, "--seed", 1, timeout=120)
 
 
 # =============================================================================
@@ -1050,6 +1060,12 @@ def test_cwe_and_fwe_answers_are_the_most_frequent(tok):
     words = context_of(s["user"]).split()
     top = sorted(set(words), key=lambda w: -words.count(w))[:3]
     assert sorted(words.count(w) for w in s["answers"]) == sorted(words.count(w) for w in top)
+    # the pseudo-word pool no longer grows with the length (it used to ask for more distinct words than exist past
+    # ~700K tokens, and loop for ever): a 1M-token list builds, its common words still the most frequent
+    user, answers, _, _, _ = E.task_cwe(random.Random(0), "s", 0.5, 1 << 20)(300_000)
+    entries = user.split("\n\n")[1].split("\n")
+    counts = Counter(line.split(". ", 1)[1] for line in entries)
+    assert len(entries) == 300_000 and {w for w, _ in counts.most_common(10)} == set(answers)
 
 
 # -----------------------------------------------------------------------------
@@ -1064,12 +1080,14 @@ def test_string_match_by_hand():
 
 
 def test_mc_scores_and_effective_length_by_hand():
-    # raw argmax picks option 0; divided by UTF-8 bytes (1, 10, 2): -10, -1.2, -15, so acc_norm picks option 1
+    # raw argmax picks option 0; divided by lengths (1, 10, 2): -10, -1.2, -15, so acc_norm picks option 1
     assert E.mc_scores([-10.0, -12.0, -30.0], ["a", "bbbbbbbbbb", "cc"], 1) == (0.0, 1.0)
-    # "é" is 2 bytes: -3/2 beats -2/1
-    assert E.mc_scores([-2.0, -3.0], ["x", "é"], 1) == (0.0, 1.0)
+    # lengths in characters, as the harness's code divides: "é" counts 1 (2 in UTF-8 bytes), so -2/1 beats -3/2
+    assert E.mc_scores([-2.0, -3.0], ["x", "é"], 0) == (1.0, 1.0)
+    assert E.mc_scores([-2.0, -3.0], ["x", "éé"], 1) == (0.0, 1.0)
     assert E.effective_length({1024: 90.0, 2048: 86.0, 4096: 50.0, 8192: 95.0}, 85.6) == 2048
     assert E.effective_length({1024: 80.0, 2048: 99.0}, 85.6) == 0
+    assert E.effective_length({1024: 90.0, 2048: 85.6}, 85.6) == 1024  # RULER: the score must exceed it
 
 
 # -----------------------------------------------------------------------------
@@ -1147,11 +1165,17 @@ def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
         return [(p if j == 0 else [], j == 0) for j, p in enumerate(prompts)]
 
     monkeypatch.setattr(E, "generate_tokens", echo)
-    cfg = E.EvalConfig(samples=2, batch=4, tasks=list(E.TASKS))
+    cfg = E.EvalConfig(samples=2, batch=4, tasks=list(E.TASKS), max_new_tokens=10**6)  # the echo is never cut
     out = E.long_context(cfg, model, tok, "tiny", [1024])
     for task in E.TASKS[:-1]:
         assert out[task][1024]["string_match_all"] == 50.0 and out[task][1024]["string_match_part"] == 50.0
-    assert len(calls) == len(E.TASKS) - 1 and all(n == 2 and t == 0.0 and m > 16 for n, t, m in calls)
+    assert len(calls) == len(E.TASKS) - 1 and all(n == 2 and t == 0.0 and m == 10**6 for n, t, m in calls)
+    # each prediction is held to its own sample's budget, whatever the batch decoded
+    cfg = E.EvalConfig(samples=2, batch=4, tasks=["niah_single"], max_new_tokens=5)
+    cut = E.long_context(cfg, model, tok, "tiny", [1024])
+    first = cut["niah_single"][1024]["samples"][0]
+    prompt = E.make_sample("niah_single", tok, 1024, 0, cfg)["prompt_ids"]
+    assert first["pred"] == tok.decode(prompt[:5], skip_special_tokens=True).strip()
     mc = out["mc_records"][1024]
     for s in mc["samples"]:  # the option picked is the argmax of its log-likelihoods
         assert s["pred"] == s["options"][max(range(4), key=s["logliks"].__getitem__)]
@@ -1160,6 +1184,17 @@ def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # bad input
+
+
+def test_tables_with_a_kl_left_out():
+    """A later model with another vocabulary has no KL: its cell reads n/a instead of ending the sweep unsaved."""
+    cell = {"score": 50.0}
+    model = lambda short: {"beyond_max_positions": [], "ruler": {1024: 50.0}, "ruler_avg": 50.0,
+                           "effective_length": 0, "long": {"vt": {1024: cell}}, "short": short}
+    report = {"models": {"a": model({"nll": 0.5, "kl": 0.0, "acc": 40.0}), "b": model({"nll": 0.7, "acc": 50.0})}}
+    text = E.tables(report, [1024], 85.6)
+    row_b = next(line for line in text.splitlines() if line.startswith("b ") and "n/a" in line)
+    assert row_b.split() == ["b", "0.7000", "+0.2000", "n/a", "50.0", "+10.0"]
 
 
 def test_bad_mc_file_names_file_line_and_field(tmp_path):
