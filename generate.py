@@ -616,7 +616,7 @@ def main(argv):
     # model and corpus
     model, tokenizer = longpo.load_model(cfg.model, dtype, attn="sdpa")
     model.to(env.device).eval()
-    model_name = cfg.model or "SmolLM2-135M-Instruct (embedded)"
+    model_name = cfg.model or longpo.EMBEDDED_NAME
     eos_ids = eos_token_ids(model, tokenizer)
     if cfg.corpus:
         docs = read_corpus(cfg.corpus)

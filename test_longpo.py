@@ -569,6 +569,15 @@ def test_schedule_and_resume_settings(tmp_path):
     for flag, value in (("beta", 0.01), ("lam", 1.0), ("lr", 1e-6), ("grad_clip", 0.0)):
         with pytest.raises(SystemExit, match=f"--{flag} "):
             longpo.check_resumable(longpo.Config(**{"lr": 5e-7, flag: value}), str(ckpt))
+    # data written by another model than the one trained: warned (the references must be πS's)
+    rec = {"id": "a", "document": "some text", "turns": [{"chunk": [0, 4], "instruction": "what", "chosen": "x",
+           "rejected": "y", "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}], "meta": {"model": "/ckpt/A"}}
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    entry = {"offset": 0, "line": 1}
+    cfg = longpo.Config(data=str(tmp_path / "d.jsonl"), model="/ckpt/B")
+    assert "written by '/ckpt/A'" in longpo.writer_mismatch(cfg, entry)
+    assert longpo.writer_mismatch(dataclasses.replace(cfg, model="/ckpt/A"), entry) is None
+    assert longpo.writer_mismatch(dataclasses.replace(cfg, loss="sft"), entry) is None
     # a fresh run into an --out that holds checkpoints stops before loading anything
     p = subprocess.run([sys.executable, "longpo.py", "--out", str(tmp_path), "--data", "nowhere.jsonl"],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
@@ -1299,8 +1308,9 @@ def test_end_to_end_generate_train_eval(pipeline, tmp_path):
             assert t["ref_chosen_logp"] <= 0 and t["ref_rejected_logp"] <= 0
     out = tmp_path / "run"
     # --max_len bounds the document in generate.py, the whole multi-turn sequence in longpo.py
-    torchrun(2, "longpo.py", "--data", data, "--model", path, "--out", out, "--max_len", 4096, "--global_batch", 1,
-             "--max_steps", 2, "--lr", 1e-3, "--logp_chunk", 64, "--rope_theta", 0)
+    log = torchrun(2, "longpo.py", "--data", data, "--model", path, "--out", out, "--max_len", 4096,
+                   "--global_batch", 1, "--max_steps", 2, "--lr", 1e-3, "--logp_chunk", 64, "--rope_theta", 0)
+    assert "was written by" not in log  # generate.py's meta.model names the model trained here
     metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
