@@ -566,9 +566,11 @@ def check_parts_config(cfg, parts, dtype):
     if os.path.exists(path):
         with open(path) as f:
             old = {k: v for k, v in json.load(f).items() if k not in RESUME_FREE}
+        if "resolved_dtype" not in old:  # parts written before the dtype was recorded: unknown, not refused
+            mine.pop("resolved_dtype")
         diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
         if diff:
-            flags = ", ".join("--" + k for k in diff)
+            flags = ", ".join("the device's dtype" if k == "resolved_dtype" else "--" + k for k in diff)
             return (f"{parts} holds documents generated with other settings ({flags}); pass the same flags (and "
                     f"device) to resume, or delete {parts} to start over")
     else:

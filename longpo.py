@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # flash-attn exists only on CUDA machines; SDPA is the fallback everywhere
-    from flash_attn import flash_attn_func
+    from flash_attn import __version__ as _flash_version, flash_attn_func
+    if tuple(int(x) for x in _flash_version.split(".")[:2]) < (2, 1):  # before 2.1 its causal mask was top-left
+        flash_attn_func = None  # aligned, and the rejected branch's call needs bottom-right: SDPA instead
 except ImportError:
     flash_attn_func = None
 
@@ -425,7 +427,7 @@ def special_token_strings(tokenizer):
     return [t for t in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()) if len(t) > 1]
 
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>")  # chat templates' end-of-turn markers (ChatML, Llama 3, Phi)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # ChatML, Llama 3, Phi, Gemma
 
 
 def end_of_turn_ids(tokenizer):
@@ -456,6 +458,9 @@ def render_chat(tokenizer, messages):
         seg = tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
         ids += seg
         n = next((j + 1 for j, x in enumerate(seg) if x in stops), len(seg)) if k % 2 == 0 else 0
+        if n == 1 and len(seg) > 1:
+            raise ValueError("the chat template puts an end-of-turn token before the assistant's text; LongPO's "
+                             "response mask (render_chat) does not handle such templates")
         turns += [k // 2] * n + [0] * (len(seg) - n)  # response k/2: its tokens through the end-of-turn marker
         done = text
     return ids, turns

@@ -22,6 +22,9 @@ case "${1:-}" in
   pipeline)
     install
     stage() { local t0=$SECONDS; echo "== $1"; shift; "$@"; echo "== done in $((SECONDS - t0)) s"; }
+    # each run is the whole method from nothing: its own earlier outputs go (a rerun of longpo.py into a folder
+    # with checkpoints is refused, and resuming a finished run would train nothing)
+    rm -rf data/longpo.jsonl data/longpo.jsonl.parts out/longpo
     # 1. πS = the embedded SmolLM2-135M-Instruct writes its own short-to-long preference data
     stage "generate" python generate.py --out data/longpo.jsonl
     # 2. LongPO on it, sequence parallel over 2 processes
@@ -29,7 +32,7 @@ case "${1:-}" in
     # SmolLM2's 8K window, and a new base (the paper's 1e7) is what a run past the window needs
     # one thread a process: 2 processes on 2 cores (torchrun's default, said here so that it is seen)
     OMP_NUM_THREADS=1 stage "train" python -m torch.distributed.run --nproc_per_node 2 longpo.py --data data/longpo.jsonl \
-      --out out/longpo --max_len 8192 --global_batch 2 --rope_theta 0 --resume  # a rerun continues, never mixes runs
+      --out out/longpo --max_len 8192 --global_batch 2 --rope_theta 0
     # 3. base against the newest checkpoint in out/longpo: long-context tasks and short-context retention
     # (the short-context pairs here are the training records themselves: a real run holds some out)
     stage "eval" python eval.py --short_data data/longpo.jsonl

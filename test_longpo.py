@@ -272,6 +272,11 @@ def test_render_chat_masks_responses(tiny):
         text = tok.decode([x for x, k in zip(ids, turns) if k == i + 1])
         assert text == t["chosen"] + "<|im_end|>"
     assert tok.decode(ids).startswith("<|im_start|>user\n" + rec["document"] + "\n\n" + rec["turns"][0]["instruction"])
+    # a template that emits an end-of-turn token before the assistant's text is refused, not masked wrongly
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{'<|im_end|>' + m['content'] + "
+                         "'<|im_end|>'}}{% else %}{{'<|im_start|>user\n' + m['content']}}{% endif %}{% endfor %}")
+    with pytest.raises(ValueError, match="end-of-turn token before the assistant's text"):
+        longpo.render_chat(tok, ["a question", "an answer"])
 
 
 def test_chunked_logps_equal_full_logits():
@@ -993,9 +998,10 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     torchrun(2, "generate.py", *args, "--out", sharded)
     assert sharded.read_bytes() == ref.read_bytes()
     assert len(os.listdir(d / "sharded.jsonl.parts")) == 3  # config.json and one part per rank
-    # ... and other settings are refused on every rank under torchrun (none is left waiting at a barrier)
-    with pytest.raises(AssertionError, match="holds documents generated with other settings"):
+    # ... and under torchrun every rank stops on the refusal (rank 0 decides, the others hear it from it)
+    with pytest.raises(AssertionError) as refused:
         torchrun(2, "generate.py", *args, "--out", sharded, "--seed", 1, timeout=120)
+    assert str(refused.value).count("holds documents generated with other settings") >= 2
 
 
 # =============================================================================
