@@ -365,7 +365,8 @@ def option_logliks(model, prompt_ids, options_ids, prefill_chunk=2048):
         ll = first[ids[0]].double()
         if len(ids) > 1:
             pos = x.shape[1] + torch.arange(len(ids) - 1, device=device)[None]  # (1, K-1): after the prompt
-            h = model.model(input_ids=y[:, :-1], position_ids=pos, **cache_kwargs(model, cache), use_cache=True).last_hidden_state
+            h = model.model(input_ids=y[:, :-1], position_ids=pos, **cache_kwargs(model, cache),
+                            use_cache=True).last_hidden_state  # (1, K-1, d)
             ll = ll + longpo.chunked_logps(h[0], model.lm_head.weight, y[0, 1:]).double().sum()  # tokens 1..K-1
         out.append(ll.item())
         cache.crop(x.shape[1] - cache.get_seq_length())  # back to the prompt (crop takes minus the tokens to drop)
@@ -475,15 +476,16 @@ def read_mc(path):
                 it = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON: {e}") from None
-            longpo.check_field(isinstance(it, dict), where, "<item>", f"expected a JSON object, got {type(it).__name__}")
+            longpo.check_field(isinstance(it, dict), where, "<item>",
+                               f"expected a JSON object, got {type(it).__name__}")
             longpo.check_field(isinstance(it.get("question"), str) and it["question"].strip(), where, "question",
-                          "missing, empty or not a string")
+                               "missing, empty or not a string")
             ch = it.get("choices")
-            longpo.check_field(isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch), where,
-                          "choices", f"expected a list of at least 2 non-empty strings, got {ch!r}")
+            longpo.check_field(isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch),
+                               where, "choices", f"expected a list of at least 2 non-empty strings, got {ch!r}")
             a = it.get("answer")
             longpo.check_field(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(ch), where, "answer",
-                          f"expected a 0-based index into the {len(ch)} choices, got {a!r}")
+                               f"expected a 0-based index into the {len(ch)} choices, got {a!r}")
             items.append(it)
     if not items:
         raise ValueError(f"{path}: no items")
@@ -618,7 +620,6 @@ def main(cfg):
         print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = longpo.inference_dtype(cfg.dtype, device)
-    cfg.prefill_chunk = chunk_for(cfg, device)
     print0(json.dumps(dataclasses.asdict(cfg)))
 
     report = dict(config=dataclasses.asdict(cfg), lengths=lengths, threshold=cfg.threshold, models={})
@@ -647,7 +648,7 @@ def main(cfg):
             if not same_vocab:
                 del short["kl"]
         if mc_items:
-            short.update(multiple_choice(model, tokenizer, mc_items, cfg.prefill_chunk))
+            short.update(multiple_choice(model, tokenizer, mc_items, chunk_for(cfg, device)))
         if short:
             entry["short"] = short
             print0(f"[{name}] short context: " + ", ".join(f"{k} {v:.4g}" for k, v in short.items()))

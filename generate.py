@@ -438,7 +438,7 @@ def reject_reason(text, finished, cfg, specials=()):
         return "empty"
     if not finished:
         return "cut_off"
-    if any(t in text for t in specials):
+    if longpo.special_in(text, specials):
         return "special_token_text"
     head = text[:200].lower().replace("’", "'")
     if any(r in head for r in REFUSALS):
@@ -480,7 +480,7 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     instructions = []
     for toks, finished in pools:
         pool = parse_pool(tokenizer.decode(toks, skip_special_tokens=True), finished)
-        pool = [p for p in pool if not any(t in p for t in specials)]  # unrenderable: see reject_reason
+        pool = [p for p in pool if not longpo.special_in(p, specials)]  # unrenderable: see reject_reason
         if not pool:
             counts["fallback_instruction"] += 1  # a small πS may write no usable line
             pool = [FALLBACK_INSTRUCTION]

@@ -427,6 +427,11 @@ def special_token_strings(tokenizer):
     return [t for t in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()) if len(t) > 1]
 
 
+def special_in(text, specials):
+    """The first of special_token_strings(...) found in text, or None."""
+    return next((t for t in specials if t in text), None)
+
+
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # ChatML, Llama 3, Phi, Gemma
 
 
@@ -444,7 +449,7 @@ def render_chat(tokenizer, messages):
     is tokenized on its own, so a shared prefix yields the same ids whatever follows it."""
     specials = special_token_strings(tokenizer)
     for i, m in enumerate(messages):  # such a string would be tokenized as the control token itself
-        hit = next((t for t in specials if t in m), None)
+        hit = special_in(m, specials)
         if hit:
             raise ValueError(f"message {i + 1} contains the special token {hit!r} as text")
     chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
@@ -537,12 +542,13 @@ def validate_record(rec, where, need_ref=True):
         check_field(isinstance(t, dict), where, f, "expected an object")
         ch = t.get("chunk")
         check_field(isinstance(ch, list) and len(ch) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                              for x in ch), where, f + ".chunk",
-               f"expected [start, end] character offsets, got {ch!r}")
+                                                                   for x in ch), where, f + ".chunk",
+                    f"expected [start, end] character offsets, got {ch!r}")
         check_field(0 <= ch[0] < ch[1] <= len(doc), where, f + ".chunk",
-               f"span {ch} lies outside the document (length {len(doc)})")
+                    f"span {ch} lies outside the document (length {len(doc)})")
         for key in ("instruction", "chosen", "rejected"):
-            check_field(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}", "missing, empty or not a string")
+            check_field(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}",
+                        "missing, empty or not a string")
         if need_ref:
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
                 check_field(key in t, where, f"{f}.{key}", "missing")
@@ -887,10 +893,11 @@ def writer_mismatch(cfg, entry):
     """A warning when the data's first record says (meta.model) another model than --model wrote it: LongPO's
     stored reference log-probs are πS's, and πS is the model being trained. None when they agree or it is unsaid."""
     writer = (read_record_at(cfg.data, entry["offset"], entry["line"], False).get("meta") or {}).get("model")
-    if cfg.loss != "longpo" or writer is None or writer == (cfg.model or EMBEDDED_NAME):
+    trained = cfg.model or EMBEDDED_NAME
+    if cfg.loss != "longpo" or writer is None or writer == trained:
         return None
-    return (f"warning: {cfg.data} was written by {writer!r}, and --model is {cfg.model or EMBEDDED_NAME!r}: LongPO's "
-            "reference log-probs must come from the model it trains (πS, its initial weights)")
+    return (f"warning: {cfg.data} was written by {writer!r}, and --model is {trained!r}: LongPO's reference "
+            "log-probs must come from the model it trains (πS, its initial weights)")
 
 
 @torch.no_grad()
@@ -963,8 +970,9 @@ def train(cfg):
     print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {accum} record(s) per rank per step; "
            f"flash-attn: {flash_attn_func is not None}")
     print0(json.dumps(dataclasses.asdict(cfg)))
-    if not cfg.resume and checkpoints(cfg.out):  # a fresh run would mix its checkpoints with an earlier run's
-        raise SystemExit(f"--out {cfg.out} holds checkpoints of an earlier run (newest {checkpoints(cfg.out)[-1]}): "
+    found = checkpoints(cfg.out)
+    if found and not cfg.resume:  # a fresh run would mix its checkpoints with an earlier run's
+        raise SystemExit(f"--out {cfg.out} holds checkpoints of an earlier run (newest {found[-1]}): "
                          "pass --resume to continue it, or choose another --out")
 
     # model, data, optimizer
@@ -986,10 +994,10 @@ def train(cfg):
     if env.master:
         os.makedirs(cfg.out, exist_ok=True)
     start = 0
-    if cfg.resume and checkpoints(cfg.out):
-        check_resumable(cfg, checkpoints(cfg.out)[-1])
-        start = load_train_state(checkpoints(cfg.out)[-1], policy, optimizer)
-        print0(f"resumed from {checkpoints(cfg.out)[-1]} at step {start}")
+    if found:  # --resume (a run without it stopped above)
+        check_resumable(cfg, found[-1])
+        start = load_train_state(found[-1], policy, optimizer)
+        print0(f"resumed from {found[-1]} at step {start}")
     ref = dpo_reference(cfg, env, policy, tokenizer, data, start > 0) if cfg.loss == "dpo" else None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from

@@ -318,31 +318,39 @@ def one_record_file(path, tok_dir, n_turns, resp=(3, 20), rej=None, seed=1):
     return path
 
 
+def packed_against_oracle(model_dir, data, kind="longpo", before_sums=lambda: None):
+    """Prefix sharing at P = 1 against the unshared oracle in float64: per-turn log-probs, NLL, loss and every
+    gradient. before_sums runs just before the last forward (the per-turn sums). Returns (model, packed)."""
+    exact_rmsnorm()
+    cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7, loss=kind)
+    model, tok = longpo.load_model(model_dir, torch.float64, "longpo")
+    ref_model = longpo.load_model(model_dir, torch.float64, "sdpa")[0]
+    (rec, packed), = examples(cfg, tok)
+    policy = longpo.TokenLogps(model, cfg.logp_chunk)
+    loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
+    loss.backward()
+    want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
+    want.backward()
+    before_sums()
+    with torch.no_grad():
+        turn_sums = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))[0]
+    if kind == "sft":  # only the chosen branch was packed
+        torch.testing.assert_close(turn_sums[:packed["n"]], sums[0][0], rtol=1e-10, atol=0)
+    else:
+        torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
+        assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
+        not_saturated(rec, sums[0], cfg.beta)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+    return model, packed
+
+
 def test_packed_equals_unshared_one_process(tiny, tmp_path):
     """Prefix sharing at P = 1: per-turn log-probs, NLL, loss and every gradient equal the unshared oracle."""
-    exact_rmsnorm()
     for n_turns, rej, kind in ((1, None, "longpo"), (4, None, "longpo"), (2, 150, "longpo"), (3, None, "sft")):
         data = one_record_file(str(tmp_path / "r.jsonl"), None, n_turns, rej=rej)
-        cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7, loss=kind)
-        model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "longpo")
-        ref_model = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")[0]
-        (rec, packed), = examples(cfg, tok)
-        policy = longpo.TokenLogps(model, cfg.logp_chunk)
-        loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
-        loss.backward()
-        want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
-        want.backward()
-        turn_sums, _ = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))
-        if kind == "sft":  # only the chosen branch was packed
-            torch.testing.assert_close(turn_sums[:n_turns], sums[0][0], rtol=1e-10, atol=0)
-        else:
-            torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
-            assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
-            not_saturated(rec, sums[0], cfg.beta)
-        assert loss.item() == pytest.approx(want.item(), rel=1e-10)
-        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
-
+        packed_against_oracle(str(tiny / "model"), data, kind)
 
 
 def fake_flash_attn_func(q, k, v, causal, softmax_scale, calls):
@@ -362,31 +370,13 @@ def test_flash_attn_path_equals_unshared(tiny, tmp_path, monkeypatch):
     """The flash-attn branch of the attention (CUDA only in real use) with a stand-in that follows flash-attn's
     documented semantics: the packed loss and its gradients still equal the unshared oracle in float64, which
     checks our layout, GQA and bottom-right causal conventions for both attention calls."""
-    exact_rmsnorm()
     calls = []
     monkeypatch.setattr(longpo, "flash_attn_func",
                         lambda q, k, v, causal, softmax_scale: fake_flash_attn_func(q, k, v, causal, softmax_scale,
                                                                                     calls))
     monkeypatch.setattr(longpo, "flash_applies", lambda q: True)
     data = one_record_file(str(tmp_path / "r.jsonl"), None, 2, rej=150)
-    cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7)
-    model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "longpo")
-    ref_model = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")[0]
-    (rec, packed), = examples(cfg, tok)
-    policy = longpo.TokenLogps(model, cfg.logp_chunk)
-    loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
-    loss.backward()
-    want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
-    want.backward()
-    calls.clear()
-    with torch.no_grad():
-        turn_sums = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))[0]
-    torch.testing.assert_close(turn_sums, torch.cat(sums[0]), rtol=1e-10, atol=0)
-    assert m["nll"] == pytest.approx(nlls[0].item(), rel=1e-10)
-    not_saturated(rec, sums[0], cfg.beta)
-    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
-    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=name)
+    model, packed = packed_against_oracle(str(tiny / "model"), data, before_sums=calls.clear)
     # in that last forward both calls of every layer went through it: [prefix | chosen] square, rejected over
     # prefix + itself, the GQA groups passed as they are
     layers = model.config.num_hidden_layers
@@ -1264,8 +1254,8 @@ def test_end_to_end_tiny_models(tmp_path):
     out = tmp_path / "eval.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
     p = subprocess.run([sys.executable, "eval.py", "--models", f"a={a}", f"b={b}", "--lengths", "1024", "1200",
-                        "--samples", "2", "--max_new_tokens", "8", "--short_data", short, "--mc", str(mc), "--tasks", "all",
-                        "--json", str(out)],
+                        "--samples", "2", "--max_new_tokens", "8", "--short_data", short, "--mc", str(mc),
+                        "--tasks", "all", "--json", str(out)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(out.read_text())
