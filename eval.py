@@ -20,6 +20,11 @@ and acc_norm as lm-evaluation-harness computes them.
         --lengths 4K 8K 16K 32K 64K 128K 256K --samples 20 --short_data data/heldout.jsonl --mc data/arc.jsonl
     # one override: the niah tasks only, four samples each
     python eval.py --tasks niah_single niah_multikey niah_multivalue niah_multiquery --samples 4
+    # your own task beside them: a JSONL of {"task", "length", "user", "answers"} samples (miniature.py writes one)
+    python eval.py --task_file my_task.jsonl --tasks niah_single --lengths 4K 8K --samples 20
+
+A --task_file sample is taken as written: its prompt is rendered with each model's chat template, its size
+measured (not fitted), and its output scored by string_match_all like the built-in generation tasks.
 
 A length is prompt plus reference-answer tokens, never above the request and within 1% of it from about 1K tokens
 up (a haystack word or list entry is a few tokens); the greedy answer may run a few tokens past it. Needle depth is
@@ -73,6 +78,7 @@ class EvalConfig:
     out: str = longpo.Config().out  # where the no-argument run looks for checkpoints (longpo.py's --out)
     lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
     tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))  # long-context tasks to run; all = every one
+    task_file: str = ""  # JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join --tasks
     samples: int = 1  # samples per task and length (RULER uses 500; 1 keeps the CPU run to minutes)
     batch: int = 4  # prompts per generate_tokens call
     max_new_tokens: int = 0  # cap on generated tokens a sample; 0 = 2 x reference-answer tokens + 16
@@ -299,6 +305,15 @@ def fit_length(tokenizer, build, length):
     return lo, *size(lo)
 
 
+def file_sample(own, tokenizer, length, cfg):
+    """A sample of --task_file, rendered with this model's chat template; its size is measured, not fitted."""
+    prompt = longpo.render_chat(tokenizer, [own["user"]])[0]
+    n_answer = len(tokenizer(reference(own["answers"], None), add_special_tokens=False)["input_ids"])
+    return dict(own, length=length, prompt_ids=prompt, tokens=len(prompt) + n_answer, depth=own.get("depth"),
+                depths=[own["depth"]] if own.get("depth") is not None else [], options=None, answer_index=None,
+                max_new_tokens=cfg.max_new_tokens or 2 * n_answer + 16)
+
+
 def make_sample(task, tokenizer, length, index, cfg):
     """Sample `index` of a task at a length: the same text for every model (seeded by task, length and index), sized
     with this model's tokenizer. Needle depths are spread evenly over the samples: (index + 0.5) / samples."""
@@ -428,14 +443,51 @@ def parse_lengths(values):
     return sorted(set(out))
 
 
-def resolve_tasks(tasks):
-    """--tasks: names from TASKS, or all of them for "all"."""
+def resolve_tasks(tasks, own=()):
+    """--tasks: names from TASKS or from the --task_file (own), or all of them for "all"; the file's tasks are
+    always run."""
+    valid = list(TASKS) + [t for t in own if t not in TASKS]
     if list(tasks) == ["all"]:
-        return list(TASKS)
+        return valid
     for task in tasks:
-        if task not in TASKS:
-            raise SystemExit(f"--tasks: unknown task {task!r}; valid: all, or some of {' '.join(TASKS)}")
-    return list(tasks)
+        if task not in valid:
+            raise SystemExit(f"--tasks: unknown task {task!r}; valid: all, or some of {' '.join(valid)}")
+    return list(tasks) + [t for t in own if t not in tasks]
+
+
+def read_task_file(path):
+    """--task_file: {task: {length: [sample, ...]}} from lines {"task", "length", "user", "answers", "depth"?};
+    a malformed line stops with file:line and the field."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--task_file {path}: no such file")
+    own = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                s = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{where}: malformed JSON: {e}") from None
+            try:
+                longpo.check_field(isinstance(s, dict), where, "<sample>", "expected a JSON object")
+                longpo.check_field(isinstance(s.get("task"), str) and s["task"] not in TASKS and s["task"] != "all",
+                                   where, "task", f"expected a new task name (not a built-in one), got {s.get('task')!r}")
+                longpo.check_field(isinstance(s.get("length"), int) and not isinstance(s["length"], bool)
+                                   and s["length"] > 0, where, "length", f"expected a positive int, got "
+                                   f"{s.get('length')!r}")
+                longpo.check_field(isinstance(s.get("user"), str) and s["user"].strip(), where, "user",
+                                   "missing, empty or not a string")
+                a = s.get("answers")
+                longpo.check_field(isinstance(a, list) and a and all(isinstance(x, str) and x for x in a), where,
+                                   "answers", f"expected a list of non-empty strings, got {a!r}")
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+            own.setdefault(s["task"], {}).setdefault(s["length"], []).append(s)
+    if not own:
+        raise SystemExit(f"--task_file {path}: no samples")
+    return own
 
 
 def resolve_models(cfg):
@@ -507,15 +559,19 @@ def chunk_for(cfg, device):
     return cfg.prefill_chunk or (2048 if device.type == "cuda" else 8192)
 
 
-def long_context(cfg, model, tokenizer, name, lengths):
-    """Every task at every length: {task: {length: {score, string_match_all, string_match_part, samples}}}."""
+def long_context(cfg, model, tokenizer, name, lengths, own=None):
+    """Every task at every length: {task: {length: {score, string_match_all, string_match_part, samples}}}.
+    own: the --task_file samples, read_task_file's dict."""
     out = {task: {} for task in cfg.tasks}
     eos = eos_token_ids(model, tokenizer)
     chunk = chunk_for(cfg, next(model.parameters()).device)
     for length in lengths:
         for task in cfg.tasks:
             t0 = time.time()
-            samples = [make_sample(task, tokenizer, length, i, cfg) for i in range(cfg.samples)]
+            if own and task in own:
+                samples = [file_sample(s, tokenizer, length, cfg) for s in own[task][length][:cfg.samples]]
+            else:
+                samples = [make_sample(task, tokenizer, length, i, cfg) for i in range(cfg.samples)]
             if task == "mc_records":
                 for s in samples:
                     opts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in s["options"]]
@@ -609,7 +665,13 @@ def tables(report, lengths, threshold):
 def main(cfg):
     t_start = time.time()
     lengths = parse_lengths(cfg.lengths)
-    cfg.tasks = resolve_tasks(cfg.tasks)
+    own = read_task_file(cfg.task_file) if cfg.task_file else {}
+    cfg.tasks = resolve_tasks(cfg.tasks, own)
+    for task in own:  # every swept length needs samples: a missing cell would be a silent gap in the table
+        missing = [L for L in lengths if len(own[task].get(L, [])) < cfg.samples]
+        if missing:
+            raise SystemExit(f"--task_file {cfg.task_file}: task {task!r} has fewer than --samples {cfg.samples} "
+                             f"samples at length(s) {missing}")
     if cfg.samples < 1 or cfg.batch < 1:
         raise SystemExit("--samples and --batch must be at least 1")
     # every input is checked before the first model loads, so a typo costs seconds, not a sweep
@@ -634,7 +696,7 @@ def main(cfg):
         if beyond:
             print0(f"warning: {name} ({path}) has max_position_embeddings {max_pos}; lengths {beyond} run beyond it")
         print0(f"[{name}] {path}")
-        long = long_context(cfg, model, tokenizer, name, lengths)
+        long = long_context(cfg, model, tokenizer, name, lengths, own)
         ruler = {L: sum(long[t][L]["score"] for t in cfg.tasks) / len(cfg.tasks) for L in lengths}
         entry = dict(path=path, max_position_embeddings=max_pos, beyond_max_positions=beyond, long=long, ruler=ruler,
                      ruler_avg=sum(ruler.values()) / len(ruler),

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The two commands of the README, from a fresh clone:
 #   bash run.sh test       install, then run the test suite
-#   bash run.sh pipeline   install, then generate -> train (torchrun, 2 processes) -> evaluate, on the embedded model
+#   bash run.sh pipeline   install, then the miniature: πS (shipped in miniature/pi_s) -> generate -> SFT, DPO,
+#                          LongPO -> round 2 -> evaluate, ending with a Table-1-like table and two pictures
+#   bash run.sh smollm2    install, then generate -> train (torchrun, 2 processes) -> evaluate, on the embedded
+#                          SmolLM2-135M-Instruct (the real-model path: inside its 8K window on this CPU)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,6 +24,11 @@ case "${1:-}" in
     ;;
   pipeline)
     install
+    # the paper's loop in miniature (about 15 min on a 2-core CPU); results in out/miniature
+    python miniature.py
+    ;;
+  smollm2)
+    install
     stage() { local t0=$SECONDS; echo "== $1"; shift; "$@"; echo "== done in $((SECONDS - t0)) s"; }
     # each run is the whole method from nothing: its own earlier outputs go (a rerun of longpo.py into a folder
     # with checkpoints is refused, and resuming a finished run would train nothing)
@@ -38,7 +46,7 @@ case "${1:-}" in
     stage "eval" python eval.py --short_data data/longpo.jsonl
     ;;
   *)
-    echo "usage: bash run.sh test | pipeline" >&2
+    echo "usage: bash run.sh test | pipeline | smollm2" >&2
     exit 2
     ;;
 esac

@@ -1335,3 +1335,116 @@ def test_end_to_end_generate_train_eval(pipeline, tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     worker(sys.argv[2])
+
+
+# -----------------------------------------------------------------------------
+# miniature.py: the world, building πS, the experiment at toy size
+
+import miniature as M  # noqa: E402
+
+
+def test_world_texts_are_consistent():
+    """Every fact in its text once, keys distinct, the asked answer where the text says, exact token counts, one
+    token a word (no unknown token anywhere in the world's texts, prompts or questions)."""
+    tok = M.make_tokenizer()
+    unk = tok.convert_tokens_to_ids("[UNK]")
+    rng = random.Random(5)
+    for n, k in ((40, 1), (300, 6), (2000, 40)):
+        text, facts = M.document(rng, n, k)
+        assert len(text.split()) == n and len(facts) == k
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == n and unk not in ids
+        for key, value in facts.items():
+            assert text.count(M.fact(key, value)) == 1 and text.count(f" {key} ") + text.startswith(key) == 1
+            assert M.key_of(M.question(key)) == key
+    for prompt in (G.POOL_PROMPT.format(n=4), G.FALLBACK_INSTRUCTION, M.pool_answer(M.KEYS[:4], 4)):
+        assert unk not in tok(prompt, add_special_tokens=False)["input_ids"]
+    assert M.key_of(G.FALLBACK_INSTRUCTION) is None and M.key_of("what is the code of ?") is None
+    # generate.py's parser reads the pool πS is taught to write, as decoded by the tokenizer
+    pool = M.pool_answer(M.KEYS[:3], 4)
+    decoded = tok.decode(tok(pool, add_special_tokens=False)["input_ids"])
+    assert G.parse_pool(decoded) == [M.question(k) for k in M.KEYS[:3]]
+
+
+def test_world_eval_tasks_and_corpus(tmp_path):
+    tok = M.make_tokenizer()
+    path = tmp_path / "tasks.jsonl"
+    M.write_eval_tasks(str(path), [256, 1024], 3, M.EVAL_SEED, tok)
+    own = E.read_task_file(str(path))
+    cfg = E.EvalConfig(samples=3)
+    for L in (256, 1024):
+        for s in own["world_code"][L]:
+            key = M.key_of(s["user"].split("\n\n")[-1])
+            assert M.fact(key, s["answers"][0]) in s["user"]  # answerable from its text, answer as stated
+            assert E.file_sample(s, tok, L, cfg)["tokens"] == L  # prompt + answer: exactly the length
+    M.write_corpus(str(tmp_path / "c.jsonl"), 3, 1024, 2048, 416, 1)
+    facts = json.load(open(tmp_path / "c.jsonl.facts.json"))
+    for line, kv in zip(open(tmp_path / "c.jsonl"), facts):
+        text = json.loads(line)["text"]
+        words = text.split()
+        assert 1024 < len(words) <= 2048 and len(words) % 416 == 0 and len(kv) == len(words) // 416
+        for b in range(0, len(words), 416):  # each chunk-sized block holds exactly one of the document's facts
+            block = " ".join(words[b:b + 416])
+            assert sum(M.fact(k, v) in block for k, v in kv.items()) == 1
+
+
+def test_task_file_errors_name_file_line_field(tmp_path):
+    path = tmp_path / "t.jsonl"
+    good = {"task": "mine", "length": 300, "user": "a question", "answers": ["x"]}
+    for bad, field_name in (({**good, "task": "vt"}, "task"), ({**good, "length": "300"}, "length"),
+                            ({**good, "answers": []}, "answers"), ({**good, "user": ""}, "user")):
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(SystemExit, match=f"t.jsonl:2: field '{field_name}'"):
+            E.read_task_file(str(path))
+    assert E.resolve_tasks(["niah_single"], ["mine"]) == ["niah_single", "mine"]
+    assert E.resolve_tasks(["all"], ["mine"]) == list(E.TASKS) + ["mine"]
+
+
+def test_grade_counts_right_and_wrong(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    M.write_corpus(str(corpus), 1, 200, 400, 100, 3)
+    text = json.loads(corpus.read_text())["text"]
+    kv = json.load(open(str(corpus) + ".facts.json"))[0]
+    k1, k2 = list(kv)[:2]
+    span = [0, len(text)]
+    wrong = next(v for v in M.VALUES if v not in (kv[k1], kv[k2]))
+    turns = [dict(chunk=span, instruction=M.question(k1), chosen=kv[k1], rejected=wrong),  # right, wrong
+             dict(chunk=span, instruction=M.question(k2), chosen=wrong, rejected=kv[k2]),  # wrong, right
+             dict(chunk=span, instruction=G.FALLBACK_INSTRUCTION, chosen="x", rejected="y")]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "d", "document": text, "turns": turns}) + "\n")
+    g = M.grade(str(data), str(corpus))
+    assert (g["turns"], g["chosen_right"], g["rejected_wrong"], g["not_a_world_question"]) == (3, 1, 1, 1)
+    assert g["instruction_in_chunk"] == 2
+
+
+def test_pi_s_build_loss_falls(tmp_path):
+    """A tiny πS build: a few steps at a small size, its loss falls, and the result loads as a project model."""
+    cfg = M.MiniConfig(pi_s=str(tmp_path / "pi"), build_steps=40, build_tokens=1024, layers=1, hidden=32, heads=2,
+                       mlp=64, window=256)
+    losses = M.build(cfg)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    model, tok = longpo.load_model(cfg.pi_s, attn="sdpa")
+    assert model.config.max_position_embeddings == 256 and tok.chat_template == M.CHAT_TEMPLATE
+
+
+def test_miniature_end_to_end_toy(tmp_path):
+    """The whole experiment at toy size on the shipped πS: every stage runs as a user runs it, results.json holds
+    every model at every length, and each score is what eval.py's own scorer gives for the samples it wrote."""
+    out = tmp_path / "mini"
+    p = subprocess.run([sys.executable, "miniature.py", "--out", str(out), "--docs", "3", "--docs_r2", "3",
+                        "--eval_samples", "2", "--epochs", "1", "--global_batch", "1", "--procs", "1",
+                        "--ablation", "false"], capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    assert res["lengths"] == [256, 512, 1024, 2048, 4096]
+    assert set(res["models"]) == {"pi_s", "sft", "dpo", "longpo", "longpo_r2"}
+    report = json.load(open(out / "eval.json"))
+    for name, scores in res["models"].items():
+        for L in res["lengths"]:
+            samples = report["models"][name]["long"]["world_code"][str(L)]["samples"]
+            assert len(samples) == 2
+            assert scores[str(L)] == E.string_match_all([s["pred"] for s in samples], [s["answers"] for s in samples])
+    assert res["data"]["r1"]["turns"] > 0 and 0 <= res["data"]["r1"]["chosen_right_rate"] <= 1
+    assert (out / "scores.png").stat().st_size > 0 and (out / "rewards.png").stat().st_size > 0
+    assert "LongPO round 2" in p.stdout
