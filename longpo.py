@@ -80,6 +80,7 @@ class Config:
     too_long: str = "skip"  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
     # checkpoints and logging
     save_every: int = 50  # optimizer steps between checkpoints (and one at the end)
+    max_bad_steps: int = 3  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
     resume: bool = False  # continue from the newest checkpoint in --out
 
 
@@ -120,8 +121,10 @@ def parse_config(cls, argv):
                     if not value.is_integer():
                         raise ValueError
                     value = int(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
+            if kind is float and not math.isfinite(value):  # --lr inf would train to all-NaN weights
+                raise SystemExit(f"--{name} takes a finite number, got {values[0]!r}")
             setattr(cfg, name, value)
     return cfg
 
@@ -524,8 +527,14 @@ def check_field(cond, where, field_name, msg):
         raise ValueError(f"{where}: field '{field_name}': {msg}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _finite_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def validate_record(rec, where, need_ref=True):
@@ -552,7 +561,11 @@ def validate_record(rec, where, need_ref=True):
         if need_ref:
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
                 check_field(key in t, where, f"{f}.{key}", "missing")
-                check_field(_finite_number(t[key]), where, f"{f}.{key}", f"expected a finite number, got {t[key]!r}")
+                check_field(_finite_number(t[key]), where, f"{f}.{key}",
+                            f"expected a finite number, got {str(t[key])[:40]}")
+                # the policy's log-probs are float32: -1e39 would become -inf there, and a reward inf - inf
+                check_field(abs(t[key]) <= FLOAT32_MAX, where, f"{f}.{key}",
+                            f"expected a number within float32's range (|x| <= 3.4e38), got {t[key]!r}")
                 # a log-probability is <= 0: a positive value is a stored NLL or a sign error
                 check_field(t[key] <= 0, where, f"{f}.{key}", f"a log-probability must be <= 0, got {t[key]!r}")
 
@@ -560,7 +573,7 @@ def validate_record(rec, where, need_ref=True):
 def _parse_line(path, lineno, line, need_ref):
     try:
         rec = json.loads(line)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
         raise ValueError(f"{path}:{lineno}: malformed JSON: {e}") from None
     validate_record(rec, f"{path}:{lineno}", need_ref)
     rec["_line"] = lineno
@@ -741,12 +754,28 @@ def checkpoints(out):
     return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")))
 
 
+def non_finite_parameter(model):
+    """The name of the first parameter (this rank's shard of it) holding a NaN or an infinity, or None."""
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor under FSDP2: this rank's shard
+        if not torch.isfinite(local).all():
+            return name
+    return None
+
+
 def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
     """out/step-NNNNNN/: a HF model directory (loads with from_pretrained alone), the resolved config, and
     train_state/ (sharded model + optimizer, torch.distributed.checkpoint) for --resume. Written to a temporary
     directory and renamed, so a crash never leaves a half-written checkpoint behind."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    bad = non_finite_parameter(policy)
+    if dist.is_initialized():  # each rank checks its own shards; every rank must agree before writing
+        flag = torch.tensor([bad is not None], dtype=torch.float32, device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bad or (None if flag.item() == 0 else "(on another rank)")
+    if bad is not None:
+        raise SystemExit(f"not saving step {step}: parameter {bad} holds non-finite values")
     final = os.path.join(cfg.out, f"step-{step:06d}")
     tmp = os.path.join(cfg.out, f".tmp-step-{step:06d}")
     if env.master:
@@ -961,6 +990,7 @@ def train(cfg):
                      ("lr", cfg.lr > 0), ("global_batch", cfg.global_batch >= 1), ("epochs", cfg.epochs >= 1),
                      ("save_every", cfg.save_every >= 1), ("logp_chunk", cfg.logp_chunk >= 1),
                      ("max_len", cfg.max_len >= 2), ("warmup_steps", cfg.warmup_steps >= 0),
+                     ("max_bad_steps", cfg.max_bad_steps >= 1),
                      ("grad_clip", cfg.grad_clip >= 0)):
         if not ok:
             raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
@@ -978,6 +1008,9 @@ def train(cfg):
     # model, data, optimizer
     param_dtype, _ = _dtype_of(cfg, env.device)
     model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len)
+    bad = non_finite_parameter(model)
+    if bad is not None:
+        raise SystemExit(f"--model {cfg.model or default_model_dir()}: tensor {bad} holds non-finite values")
     from transformers import AutoConfig
     save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
@@ -1008,6 +1041,7 @@ def train(cfg):
         os.replace(metrics_path + ".tmp", metrics_path)
     metrics_file = open(metrics_path, "a") if env.master else None
 
+    bad_steps = 0
     for step in range(start, len(steps)):
         t0 = time.time()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -1015,27 +1049,46 @@ def train(cfg):
             group["lr"] = lr
         # batch, forward, loss, backward
         sums, tokens = accumulate(cfg, env, policy, tokenizer, data, steps[step][env.dp_rank::env.dp], accum, ref)
-        # step: clip, update
-        params = [p for p in policy.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # log: metrics averaged over the global batch (every sp rank holds the same values)
+        # metrics of the global batch (every sp rank holds the same values), summed over dp groups
         keys = sorted(sums)
         vals = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64, device=env.device)
         if dist.is_initialized():
             dist.all_reduce(vals)
         vals = vals / env.sp
+        # step: clip, update. A step whose loss or gradient norm is not finite is not applied: clip_grad_norm_
+        # would scale every gradient by the NaN norm, and one NaN would reach every weight. All ranks see the
+        # same reduced values and the same total norm, so they all decide alike.
+        params = [p for p in policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        finite = math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in vals.tolist())
+        if finite:
+            optimizer.step()
+        bad_steps = 0 if finite else bad_steps + 1
+        optimizer.zero_grad(set_to_none=True)
+        # log: one line and one strict-JSON record a step (a non-finite value is written as null)
         dt = time.time() - t0
         rec = {"step": step + 1, **{k: vals[j].item() / cfg.global_batch for j, k in enumerate(keys)},
                "grad_norm": grad_norm.item(), "tokens_per_s": vals[-1].item() / dt,
                "peak_mem_gb": peak_memory_gb(env.device), "lr": lr, "time_s": dt}
+        rec = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in rec.items()}
+        rec["skipped"] = not finite
+        skipped_lines = sorted(data[i]["line"] for i in steps[step])
         if env.master:
-            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.write(json.dumps(rec, allow_nan=False) + "\n")
             metrics_file.flush()
             print0(f"step {step + 1}/{len(steps)} | " + " | ".join(
-                f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+                if k not in ("step", "skipped"))
+                + ("" if finite else f" | SKIPPED: loss or gradient norm not finite (records at lines "
+                                     f"{skipped_lines} of {cfg.data})"))
+        if bad_steps >= cfg.max_bad_steps:
+            if metrics_file:
+                metrics_file.close()
+            teardown_distributed()
+            raise SystemExit(f"stopping at step {step + 1}: {bad_steps} step(s) in a row with a non-finite loss or "
+                             f"gradient norm, none applied (--max_bad_steps {cfg.max_bad_steps}); the last held "
+                             f"the records at lines {skipped_lines} of {cfg.data}")
         # save
         if (step + 1) % cfg.save_every == 0 or step + 1 == len(steps):
             save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype)

@@ -1,15 +1,17 @@
-"""LongPO in miniature: the paper's loop (arXiv 2502.13922, §3.3 and Table 1) on a tiny short-window model built here.
+"""LongPO in miniature: the paper's loop (arXiv 2502.13922, §3.3, Table 1, Fig. 6) on a tiny short-window model.
 
 A synthetic world written in code (filler sentences and facts "the code of KEY is VALUE ."), a word-level tokenizer
-with a ChatML template, and πS: a ~1M-parameter Llama-family model trained here at no more than W = 512 tokens to
-read text, answer "what is the code of KEY ?" from it, and write a numbered pool of such questions about a text.
-πS answers well inside its window and poorly past it. The experiment then runs the project's own scripts as a user
-runs them: generate.py (πS writes short-to-long preference data), longpo.py (LongPO, and the SFT and DPO baselines
-on the same records), a second round of self-evolution, and eval.py on every model.
+with a ChatML template, and πS: a 0.44M-parameter Llama (2 layers, hidden 128) trained here at no more than W = 512
+tokens to read text, answer "what is the code of KEY ?" from it, and write a numbered pool of such questions about a
+text. Measured, πS answers every question inside its window and few past it. The experiment then runs the project's
+own scripts as a user runs them: generate.py (πS writes short-to-long preference data), longpo.py (LongPO, LongPO
+without NLL, and the SFT and DPO baselines on the same records), a second round of self-evolution (the round-1
+LongPO model as πS on documents twice as long), and eval.py on every model (a single-needle retrieval of the world
+at W/2 ... 8W, through eval.py's --task_file, and short-context NLL / KL on held-out short pairs).
 
-    # the whole experiment on the shipped πS (about 15 min on a 2-core CPU): a Table-1-like table and two pictures
+    # the whole experiment on the shipped πS (about 3.5 min on a 2-core CPU): a Table-1-like table, two pictures
     python miniature.py
-    # build πS from its fixed seed (the shipped weights in miniature/pi_s are exactly this)
+    # build πS from its fixed seed (5.5 min on one core; the shipped weights in miniature/pi_s are exactly this)
     python miniature.py build
     # an override: another output folder
     python miniature.py --out out/mini2
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import longpo
+from eval import format_table, string_match_all
 from generate import FALLBACK_INSTRUCTION, POOL_PROMPT
 
 
@@ -122,7 +126,7 @@ def document(rng, n_tokens, n_facts, depth=None, avoid=()):
         sentences.append(filler(rng))
     slots = sorted(rng.sample(range(len(sentences) + 1), n_facts))
     if depth is not None:
-        slots = [round(depth * (len(sentences) * 7) // 8)]  # the end is cut to length below: aim inside it
+        slots = [round(depth * len(sentences))]  # the cut to length below drops a sentence or two at the end
     for slot, k in sorted(zip(slots, keys), reverse=True):
         sentences.insert(slot, fact(k, facts[k]))
     words = " ".join(sentences).split()
@@ -311,7 +315,6 @@ def build(cfg):
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if os.path.exists(cfg.pi_s):
-        import shutil
         shutil.rmtree(cfg.pi_s)
     os.replace(tmp, cfg.pi_s)
     print(f"wrote {cfg.pi_s} in {time.time() - t0:.0f}s", flush=True)
@@ -445,9 +448,13 @@ def experiment(cfg):
     lengths = LENGTHS(W)
     r1_len, r2_len = 4 * W, 8 * W  # round 1: documents of 2W-4W tokens; round 2: 4W-8W (§3.3 doubles the length)
     p = lambda name: os.path.join(out, name)
-    # the world's texts: each use its own seed; the evaluation's apart from everything that trains or generates
-    # chunks: πS must never be asked past its window: chunk + template + pool prompt + pool within W
+    # chunks: πS is never asked past its window; the longest short prompt, [chunk; pool prompt] with the template
+    # and a pool of generate.py's token budget, must fit in W
     chunk = W - 96
+    longest = len(longpo.render_chat(tokenizer, [" ".join(["the"] * chunk) + "\n\n" + POOL_PROMPT.format(n=4)])[0])
+    if longest + 48 > W:
+        raise SystemExit(f"--window {W}: a chunk of {chunk} tokens and its pool ({longest} + 48 tokens) exceed it")
+    # the world's texts: each use its own seed; the evaluation's apart from everything that trains or generates
     write_corpus(p("corpus_r1.jsonl"), cfg.docs, r1_len // 2, r1_len, chunk, cfg.seed + 1)
     write_corpus(p("corpus_r2.jsonl"), cfg.docs_r2, r2_len // 2, r2_len, chunk, cfg.seed + 2)
     write_eval_tasks(p("eval_tasks.jsonl"), lengths, cfg.eval_samples, EVAL_SEED, tokenizer)
@@ -457,8 +464,7 @@ def experiment(cfg):
                  str(cfg.turns), "--pool_max_new_tokens", "48", "--max_new_tokens", "8", "--long_group", "4"]
     train_flags = ["--rope_theta", str(cfg.rope_theta), "--lr", str(cfg.lr), "--epochs", str(cfg.epochs),
                    "--global_batch", str(cfg.global_batch), "--save_every", "100000", "--grad_ckpt", "false"]
-    import shutil
-    for d in ("longpo", "sft", "dpo", "longpo_nonll", "longpo_r2"):
+    for d in ("longpo", "sft", "dpo", "longpo_nonll", "longpo_r2"):  # each run is the experiment from nothing
         shutil.rmtree(p(d), ignore_errors=True)
     for f in ("r1.jsonl", "r2.jsonl"):
         shutil.rmtree(p(f + ".parts"), ignore_errors=True)
@@ -502,10 +508,17 @@ def experiment(cfg):
         report = json.load(f)
     results = dict(lengths=lengths, window=W, models={}, short={}, data=grades, stages_s=stages,
                    settings={k: v for k, v in dataclasses.asdict(cfg).items()})
+    results["far"] = {}
     for name, entry in report["models"].items():
         per = entry["long"]["world_code"]
         results["models"][name] = {str(L): per[str(L)]["score"] for L in lengths}
         results["short"][name] = {k: entry["short"][k] for k in ("nll", "kl")}
+        # the same scores over the needles more than W tokens before the question only: distances πS never saw
+        far = {}
+        for L in lengths[2:]:
+            xs = [x for x in per[str(L)]["samples"] if (1 - x["depth"]) * L > W]
+            far[str(L)] = string_match_all([x["pred"] for x in xs], [x["answers"] for x in xs]) if xs else None
+        results["far"][name] = far
     results["wall_s"] = time.time() - t_start
     with open(p("results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -528,9 +541,13 @@ def table(results):
         sh = results["short"][name]
         rows.append([label] + [f"{s:.1f}" for s in scores] + [f"{sum(scores) / len(scores):.1f}",
                                                               f"{sh['nll']:.3f}", f"{sh['kl']:.3f}"])
-    from eval import format_table
-    return (f"exact retrieval (eval.py's string match, 0-100) per context length in tokens; W = {W} is πS's "
-            f"window, '*' past it\n" + format_table(head, rows))
+    text = (f"exact retrieval (eval.py's string match, 0-100) per context length in tokens; W = {W} is πS's window, "
+            f"'*' past it\n" + format_table(head, rows))
+    far = [L for L in lengths if L > W]
+    rows = [[label] + [f"{results['far'][name][str(L)]:.1f}" for L in far]
+            for name, label in ROWS if name in results["far"]]
+    return text + ("\n\nthe same, over the needles more than W tokens before the question only\n"
+                   + format_table(["model"] + [str(L) for L in far], rows))
 
 
 def pictures(results, out):
@@ -544,6 +561,11 @@ def pictures(results, out):
     for name, label in ROWS:
         if name in results["models"]:
             ax.plot(lengths, [results["models"][name][str(L)] for L in lengths], marker="o", label=label)
+    W = results["window"]
+    ax.axvspan(2 * W, 4 * W, color="tab:red", alpha=0.06, lw=0)  # the lengths each round trains at
+    ax.axvspan(4 * W, 8 * W, color="tab:brown", alpha=0.06, lw=0)
+    ax.text(2 * W * 1.05, 4, "round-1\ndocuments", fontsize=7, color="tab:red")
+    ax.text(4 * W * 1.05, 4, "round-2\ndocuments", fontsize=7, color="tab:brown")
     ax.axvline(results["window"], color="grey", ls=":", lw=1)
     ax.text(results["window"], 102, " W", color="grey", va="bottom")
     ax.set(xscale="log", xlabel="context length (tokens)", ylabel="retrieval score (0-100)", ylim=(-3, 108),
@@ -560,7 +582,7 @@ def pictures(results, out):
         if not os.path.exists(path):
             continue
         with open(path) as f:
-            m = [json.loads(line) for line in f]
+            m = [r for r in map(json.loads, f) if not r.get("skipped")]  # a skipped step has no rewards
         steps = [r["step"] for r in m]
         ax.plot(steps, [r["reward_chosen"] for r in m], label="chosen reward")
         ax.plot(steps, [r["reward_rejected"] for r in m], label="rejected reward")

@@ -1420,8 +1420,8 @@ def test_grade_counts_right_and_wrong(tmp_path):
 
 def test_pi_s_build_loss_falls(tmp_path):
     """A tiny πS build: a few steps at a small size, its loss falls, and the result loads as a project model."""
-    cfg = M.MiniConfig(pi_s=str(tmp_path / "pi"), build_steps=40, build_tokens=1024, layers=1, hidden=32, heads=2,
-                       mlp=64, window=256)
+    cfg = M.MiniConfig(pi_s=str(tmp_path / "pi"), build_steps=40, build_tokens=1024, build_lr=5e-3, layers=1,
+                       hidden=32, heads=2, mlp=64, window=256)
     losses = M.build(cfg)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
     model, tok = longpo.load_model(cfg.pi_s, attn="sdpa")
@@ -1448,3 +1448,54 @@ def test_miniature_end_to_end_toy(tmp_path):
     assert res["data"]["r1"]["turns"] > 0 and 0 <= res["data"]["r1"]["chosen_right_rate"] <= 1
     assert (out / "scores.png").stat().st_size > 0 and (out / "rewards.png").stat().st_size > 0
     assert "LongPO round 2" in p.stdout
+
+
+# -----------------------------------------------------------------------------
+# non-finite values never reach the weights (issue: careless or hostile input)
+
+
+def test_non_finite_flags_references_and_weights_refused(tiny, tmp_path):
+    for flag in ("inf", "nan", "-inf", "1e999"):
+        with pytest.raises(SystemExit, match=f"--lr takes a finite number, got '{flag}'"):
+            longpo.parse_config(longpo.Config, ["--lr", flag])
+    # a reference log-prob finite in JSON but past float32's range, or an integer too large for a float
+    rec = json.loads(open(tiny / "data.jsonl").readline())
+    for bad, match in (("-1e39", "field 'turns\\[0\\].ref_chosen_logp': expected a number within float32's range"),
+                       ("-" + "9" * 400, "field 'turns\\[0\\].ref_chosen_logp': expected a finite number, got -9999"),
+                       ("-" + "9" * 5001, "malformed JSON")):
+        line = json.dumps(rec).replace(json.dumps(rec["turns"][0]["ref_chosen_logp"]), bad, 1)
+        (tmp_path / "bad.jsonl").write_text(line + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:1: {match}"):
+            longpo.read_records(str(tmp_path / "bad.jsonl"))
+    # a --model holding a NaN weight is refused, naming the tensor
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "nan_model"
+    import shutil
+    shutil.copytree(tiny / "model", model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = sorted(weights)[3]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    args = train_args(tiny, tmp_path / "out", "--max_steps", 1)
+    args[args.index("--model") + 1] = model
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode != 0 and f"tensor {name} holds non-finite values" in p.stderr
+    assert "holds non-finite values" in p.stderr and not os.path.exists(tmp_path / "out" / "step-000001")
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny, tmp_path):
+    """--lr 1e30: step 1 is finite and applied, step 2's loss is not: it is skipped (not applied, logged as
+    skipped in strict JSON) and, with --max_bad_steps 1, the run stops naming the step and its records. Nothing
+    non-finite is ever on disk."""
+    out = tmp_path / "out"
+    args = train_args(tiny, out, "--save_every", 1, "--max_bad_steps", 1)
+    args[args.index("--lr") + 1] = 1e30
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 1 and "stopping at step 2: 1 step(s) in a row with a non-finite loss" in p.stderr
+    step2 = sorted(i + 1 for i in longpo.schedule(6, longpo.Config(global_batch=2, epochs=2), 1)[1])  # its lines
+    assert f"the last held the records at lines {step2} of {tiny / 'data.jsonl'}" in p.stderr
+    lines = open(out / "metrics.jsonl").read().splitlines()
+    recs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
+    assert [r["skipped"] for r in recs] == [False, True] and recs[1]["loss"] is None
+    assert longpo.checkpoints(str(out)) == [str(out / "step-000001")]
+    assert all(torch.isfinite(t).all() for t in load_weights(out / "step-000001").values())
