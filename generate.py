@@ -293,7 +293,8 @@ def read_corpus(path):
         if not f.endswith((".jsonl", ".json")):
             docs.append((f, text))
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # newlines only: splitlines() would also split at U+2028, U+2029 and U+0085, which JSON strings may hold
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -357,6 +358,18 @@ def synthetic_corpus(tokenizer, n_docs, lo, hi, seed=0):
             parts.pop()  # the parts were counted one by one; the whole may tokenize a little differently
         docs.append((f"synthetic:{k}", "".join(parts)))
     return docs
+
+
+def remove_specials(text, specials):
+    """(text without any of the special-token strings, how many were removed), removed until none is left."""
+    if not specials:
+        return text, 0
+    pattern, total = re.compile("|".join(map(re.escape, specials))), 0
+    while True:
+        text, n = pattern.subn("", text)
+        if not n:
+            return text, total
+        total += n
 
 
 def chunk_spans(offsets, text, chunk_tokens, min_tokens=1):
@@ -609,6 +622,15 @@ def main(argv):
         for k, v in EMBEDDED.items():
             if k not in given:
                 setattr(cfg, k, v)
+    for name, ok in (("chunk_tokens", cfg.chunk_tokens >= 1), ("min_chunk_tokens", cfg.min_chunk_tokens >= 1),
+                     ("chunks_per_doc", cfg.chunks_per_doc >= 1), ("pool_size", cfg.pool_size >= 1),
+                     ("pool_temperature", cfg.pool_temperature >= 0), ("pool_top_p", 0 < cfg.pool_top_p <= 1),
+                     ("pool_max_new_tokens", cfg.pool_max_new_tokens >= 1), ("max_new_tokens", cfg.max_new_tokens >= 1),
+                     ("rep_ngram", cfg.rep_ngram >= 1), ("rep_max", 0 <= cfg.rep_max <= 1),
+                     ("prefill_chunk", cfg.prefill_chunk >= 1), ("long_group", cfg.long_group >= 1),
+                     ("max_len", cfg.max_len >= 2)):  # checked before anything is written: no parts folder to refuse
+        if not ok:
+            raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
     env = longpo.setup_distributed(sp=1)  # every rank its own dp group: ranks split the documents
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world}: documents split over ranks; corpus: {cfg.corpus or 'embedded synthetic'}")
@@ -627,10 +649,14 @@ def main(argv):
         docs = synthetic_corpus(tokenizer, max(cfg.max_docs, 1), cfg.max_len // 2, cfg.max_len * 9 // 16, cfg.seed)
     if cfg.max_docs >= 0:
         docs = docs[:cfg.max_docs]
-    # a control-token string in plain text ("<s>" in HTML, say) would be read as the token itself: remove it
+    # a control-token string in plain text ("<s>" in HTML, say) would be read as the token itself: remove it, to a
+    # fixed point (removing "<|im_end|>" from "<|im_<|im_end|>end|>" makes a new one), and say how many went
     specials = longpo.special_token_strings(tokenizer)
-    docs = [(source, re.sub("|".join(map(re.escape, specials)), "", text) if specials else text)
-            for source, text in docs]
+    cleaned = [(source, *remove_specials(text, specials)) for source, text in docs]
+    docs = [(source, text) for source, text, _ in cleaned]
+    removed = sum(n for _, _, n in cleaned)
+    if removed:
+        longpo.print0(f"removed {removed} control-token string(s) from the corpus text")
 
     # parts: this rank appends to its own file; documents in any part file are done
     parts = cfg.out + ".parts"

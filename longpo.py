@@ -140,6 +140,8 @@ def setup_distributed(sp=0):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if sp < 0:
+        raise SystemExit(f"--sp {sp}: must be 0 (all ranks) or a positive divisor of the world size {world}")
     sp = sp or world
     if world % sp:
         raise SystemExit(f"--sp {sp} does not divide the world size {world}")
@@ -530,6 +532,15 @@ def check_field(cond, where, field_name, msg):
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def _valid_text(text):
+    """Encodable as UTF-8: JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _finite_number(x):
     try:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -542,7 +553,10 @@ def validate_record(rec, where, need_ref=True):
     check_field(isinstance(rec, dict), where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
     check_field(isinstance(rec.get("id"), str) and rec["id"], where, "id", "missing, empty or not a string")
     doc = rec.get("document")
-    check_field(isinstance(doc, str) and doc, where, "document", "missing, empty or not a string")
+    check_field(isinstance(doc, str) and doc.strip(), where, "document", "missing, empty or not a string")
+    check_field(_valid_text(doc), where, "document", "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
+    meta = rec.get("meta")
+    check_field(meta is None or isinstance(meta, dict), where, "meta", f"expected an object, got {type(meta).__name__}")
     turns = rec.get("turns")
     check_field(isinstance(turns, list), where, "turns", "missing or not a list")
     check_field(len(turns) > 0, where, "turns", "empty turn list")
@@ -553,11 +567,14 @@ def validate_record(rec, where, need_ref=True):
         check_field(isinstance(ch, list) and len(ch) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                    for x in ch), where, f + ".chunk",
                     f"expected [start, end] character offsets, got {ch!r}")
-        check_field(0 <= ch[0] < ch[1] <= len(doc), where, f + ".chunk",
+        check_field(ch[0] < ch[1], where, f + ".chunk", f"span {ch} is empty or reversed (start must be < end)")
+        check_field(0 <= ch[0] and ch[1] <= len(doc), where, f + ".chunk",
                     f"span {ch} lies outside the document (length {len(doc)})")
         for key in ("instruction", "chosen", "rejected"):
             check_field(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}",
                         "missing, empty or not a string")
+            check_field(_valid_text(t[key]), where, f"{f}.{key}",
+                        "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
         if need_ref:
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
                 check_field(key in t, where, f"{f}.{key}", "missing")
@@ -584,6 +601,8 @@ def index_lines(path):
     """(byte offset, line number) of each non-empty line of a JSONL file."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file (write one with generate.py)")
+    if os.path.isdir(path):
+        raise SystemExit(f"{path}: a directory, expected a JSONL file (write one with generate.py)")
     out, offset = [], 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -598,7 +617,12 @@ def index_lines(path):
 def read_record_at(path, offset, lineno, need_ref=True):
     with open(path, "rb") as f:
         f.seek(offset)
-        return _parse_line(path, lineno, f.readline().decode("utf-8"), need_ref)
+        raw = f.readline()
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
+    return _parse_line(path, lineno, line, need_ref)
 
 
 def read_records(path, need_ref=True):
@@ -877,7 +901,15 @@ def load_example(cfg, tokenizer, entry, branches=None):
     try:
         return rec, pack_record(tokenizer, rec, branches or _branches(cfg))
     except ValueError as e:
-        raise ValueError(f"{cfg.data}:{entry['line']}: {e}") from None
+        raise ValueError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
+
+
+def special_field(rec, tokenizer):
+    """' (field X)' for the first field of a record holding a special token's string, or ''."""
+    specials = special_token_strings(tokenizer)
+    fields = [("document", rec["document"])] + [(f"turns[{i}].{k}", t[k]) for i, t in enumerate(rec["turns"])
+                                                 for k in ("instruction", "chosen", "rejected")]
+    return next((f" (field '{name}')" for name, text in fields if special_in(text, specials)), "")
 
 
 def prepare_data(cfg, tokenizer, env=None):
@@ -1000,7 +1032,11 @@ def train(cfg):
     print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {accum} record(s) per rank per step; "
            f"flash-attn: {flash_attn_func is not None}")
     print0(json.dumps(dataclasses.asdict(cfg)))
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise SystemExit(f"--out {cfg.out}: a file, expected a directory for checkpoints and metrics")
     found = checkpoints(cfg.out)
+    if cfg.resume and not found:
+        print0(f"--resume: no checkpoint in {cfg.out}; starting from step 0")
     if found and not cfg.resume:  # a fresh run would mix its checkpoints with an earlier run's
         raise SystemExit(f"--out {cfg.out} holds checkpoints of an earlier run (newest {found[-1]}): "
                          "pass --resume to continue it, or choose another --out")
@@ -1014,7 +1050,13 @@ def train(cfg):
     from transformers import AutoConfig
     save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
-    data = prepare_data(cfg, tokenizer, env)
+    try:
+        data = prepare_data(cfg, tokenizer, env)
+    except ValueError as e:  # a data error names file:line:field; one line on rank 0, exit status 2 on every rank
+        if env.master:
+            print(str(e), file=sys.stderr, flush=True)
+        teardown_distributed()
+        sys.exit(2)
     warning = writer_mismatch(cfg, data[0])
     if warning:
         print0(warning)
@@ -1024,13 +1066,26 @@ def train(cfg):
     steps = schedule(len(data), cfg, env.dp)
     if not steps:
         raise SystemExit(f"{len(data)} record(s) make no full step of --global_batch {cfg.global_batch}")
+    left = len(data) % cfg.global_batch
+    if left:  # full batches only: a step's loss is always a mean over global_batch records
+        used = {i for s in steps for i in s}
+        lines = sorted(data[i]["line"] for i in range(len(data)) if i not in used)
+        print0(f"{left} record(s) an epoch fill no batch of --global_batch {cfg.global_batch} and are left out of "
+               f"that epoch (a different draw each epoch); never trained: {len(lines)}"
+               + (f" (lines {lines[:10]}{' ...' if len(lines) > 10 else ''})" if lines else ""))
     if env.master:
         os.makedirs(cfg.out, exist_ok=True)
+        for tmp in glob.glob(os.path.join(cfg.out, ".tmp-step-*")):  # a checkpoint a crash left half-written
+            print0(f"removing {tmp}: a checkpoint left unfinished by an earlier run")
+            shutil.rmtree(tmp, ignore_errors=True)
     start = 0
     if found:  # --resume (a run without it stopped above)
         check_resumable(cfg, found[-1])
         start = load_train_state(found[-1], policy, optimizer)
         print0(f"resumed from {found[-1]} at step {start}")
+        if start >= len(steps):
+            print0(f"--resume: {found[-1]} is at step {start} and the schedule has {len(steps)} steps: nothing "
+                   "left to train (raise --epochs or --max_steps to go on)")
     ref = dpo_reference(cfg, env, policy, tokenizer, data, start > 0) if cfg.loss == "dpo" else None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from

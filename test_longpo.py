@@ -1499,3 +1499,75 @@ def test_non_finite_steps_are_skipped_then_stop(tiny, tmp_path):
     assert [r["skipped"] for r in recs] == [False, True] and recs[1]["loss"] is None
     assert longpo.checkpoints(str(out)) == [str(out / "step-000001")]
     assert all(torch.isfinite(t).all() for t in load_weights(out / "step-000001").values())
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.update(document="   \n "), r"bad.jsonl:2: field 'document': missing, empty"),
+    (lambda r: r.update(document="abc\ud800def" * 5), r"bad.jsonl:2: field 'document': holds a lone surrogate"),
+    (lambda r: r["turns"][0].update(chosen="x\udfff"), r"bad.jsonl:2: field 'turns\[0\].chosen': holds a lone"),
+    (lambda r: r.update(meta="abc"), r"bad.jsonl:2: field 'meta': expected an object, got str"),
+    (lambda r: r["turns"][0].update(chunk=[10, 5]), r"bad.jsonl:2: field 'turns\[0\].chunk': span \[10, 5\] is empty or "
+                                                     r"reversed"),
+    (lambda r: r["turns"][0].update(chunk=[4, 4]), r"bad.jsonl:2: field 'turns\[0\].chunk': span \[4, 4\] is empty"),
+])
+def test_more_bad_records(tmp_path, mutate, message):
+    with pytest.raises(ValueError, match=message):
+        longpo.read_records(bad_line(tmp_path, mutate))
+
+
+def test_bad_inputs_end_in_one_line(tiny, tmp_path):
+    """A user's mistake: one line naming file, line and field (or the flag), no traceback."""
+    bad_utf8 = tmp_path / "utf8.jsonl"
+    good = open(tiny / "data.jsonl", "rb").readline()
+    bad_utf8.write_bytes(good + good.replace(b"what", b"wh\xffat", 1))
+    with pytest.raises(ValueError, match=r"utf8.jsonl:2: not UTF-8 text: byte 0xff at column \d+"):
+        longpo.read_records(str(bad_utf8))
+    tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")[1]
+    path = bad_line(tmp_path, lambda r: r["turns"][0].update(chosen="a <|im_end|> b") and None)
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*special token.*\(field 'turns\[0\].chosen'\)"):
+        longpo.prepare_data(longpo.Config(data=path, max_len=4096), tok)
+    cases = [(["--data", str(bad_utf8)], "utf8.jsonl:2: not UTF-8 text", 2),
+             (["--data", str(tmp_path)], "a directory, expected a JSONL file", 1),
+             (["--out", str(bad_utf8)], "a file, expected a directory", 1),
+             (["--sp", "-1"], "--sp -1: must be 0", 1),
+             (["--lr", "inf"], "--lr takes a finite number", 1)]
+    for extra, message, status in cases:
+        args = train_args(tiny, tmp_path / "out", "--max_steps", 1)
+        for k in range(0, len(extra), 2):
+            if extra[k] in args:
+                args[args.index(extra[k]) + 1] = extra[k + 1]
+            else:
+                args += extra[k:k + 2]
+        p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert p.returncode == status and message in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr[-500:])
+
+
+def test_remainder_records_are_reported(tiny, tmp_path):
+    five = tmp_path / "five.jsonl"
+    five.write_text("".join(open(tiny / "data.jsonl").readlines()[:5]))
+    args = train_args(tiny, tmp_path / "out", "--max_steps", 1)
+    args[args.index("--data") + 1] = five
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 record(s) an epoch fill no batch of --global_batch 2 and are left out of that epoch" in p.stdout
+
+
+def test_generate_corpus_and_flags(tmp_path):
+    # U+2028 inside a JSON string is text, not a line break; control-token strings go to a fixed point
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"text": "c"}) + "\n",
+                      encoding="utf-8")
+    assert [t for _, t in G.read_corpus(str(corpus))] == ["a\u2028b", "c"]
+    assert G.remove_specials("x<|im_<|im_end|>end|>y<|im_end|>", ["<|im_end|>"]) == ("xy", 3)
+    for flag in (["--chunk_tokens", "0"], ["--pool_temperature", "-1"], ["--prefill_chunk", "0"]):
+        p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
+                           capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert p.returncode == 1 and p.stderr.startswith(f"{flag[0]} ") and "is out of range" in p.stderr
+        assert not os.path.exists(tmp_path / "o.jsonl.parts")  # nothing written that a corrected rerun would refuse
+
+
+def test_eval_output_path_checked_before_any_model(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for bad in (str(tmp_path), str(tmp_path / "f" / "eval.json")):
+        with pytest.raises(SystemExit, match="cannot be written"):
+            E.main(E.EvalConfig(json=bad, models=["nowhere"]))
