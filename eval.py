@@ -305,13 +305,24 @@ def fit_length(tokenizer, build, length):
     return lo, *size(lo)
 
 
-def file_sample(own, tokenizer, length, cfg):
-    """A sample of --task_file, rendered with this model's chat template; its size is measured, not fitted."""
+def file_sample(own, tokenizer, length, index, cfg):
+    """A sample of --task_file, rendered with this model's chat template; its size is measured, not fitted (and
+    warned about when it is more than 1% off the length it is filed under)."""
     prompt = longpo.render_chat(tokenizer, [own["user"]])[0]
     n_answer = len(tokenizer(reference(own["answers"], None), add_special_tokens=False)["input_ids"])
-    return dict(own, length=length, prompt_ids=prompt, tokens=len(prompt) + n_answer, depth=own.get("depth"),
+    tokens = len(prompt) + n_answer
+    if abs(tokens - length) > 0.01 * length:
+        print0(f"warning: --task_file sample {own['task']} {index} at length {length} has {tokens} tokens with "
+               "this model's tokenizer")
+    return dict(own, length=length, index=index, prompt_ids=prompt, tokens=tokens, depth=own.get("depth"),
                 depths=[own["depth"]] if own.get("depth") is not None else [], options=None, answer_index=None,
                 max_new_tokens=cfg.max_new_tokens or 2 * n_answer + 16)
+
+
+def spread(items, n):
+    """n of the items at an even stride: a file's samples are often ordered by depth, so the first n would test the
+    shallowest needles only."""
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def make_sample(task, tokenizer, length, index, cfg):
@@ -340,6 +351,12 @@ def string_match_all(preds, refs):
 def string_match_part(preds, refs):
     """RULER: per sample, 1 if any of its references is found (case-insensitively) in the output; mean, x100."""
     return 100 * sum(max(r.lower() in p.lower() for r in rs) for p, rs in zip(preds, refs)) / len(preds)
+
+
+def exact_match(preds, refs):
+    """Per sample, 1 if the output is its reference answers joined (", ") and nothing else (case-insensitive,
+    surrounding spaces ignored); mean, x100. Stricter than RULER's string match: an answer that runs on counts 0."""
+    return 100 * sum(p.strip().lower() == ", ".join(rs).lower() for p, rs in zip(preds, refs)) / len(preds)
 
 
 def mc_scores(logliks, choices, answer):
@@ -473,7 +490,7 @@ def read_task_file(path):
             try:
                 longpo.check_field(isinstance(s, dict), where, "<sample>", "expected a JSON object")
                 longpo.check_field(isinstance(s.get("task"), str) and s["task"] not in TASKS and s["task"] != "all",
-                                   where, "task", f"expected a new task name (not a built-in one), got {s.get('task')!r}")
+                                   where, "task", f"expected a new task name (not a built-in), got {s.get('task')!r}")
                 longpo.check_field(isinstance(s.get("length"), int) and not isinstance(s["length"], bool)
                                    and s["length"] > 0, where, "length", f"expected a positive int, got "
                                    f"{s.get('length')!r}")
@@ -482,6 +499,10 @@ def read_task_file(path):
                 a = s.get("answers")
                 longpo.check_field(isinstance(a, list) and a and all(isinstance(x, str) and x for x in a), where,
                                    "answers", f"expected a list of non-empty strings, got {a!r}")
+                d = s.get("depth")
+                longpo.check_field(d is None or (isinstance(d, (int, float)) and not isinstance(d, bool)
+                                                 and 0 <= d <= 1), where, "depth",
+                                   f"expected a number in [0, 1] (needle position / text length), got {d!r}")
             except ValueError as e:
                 raise SystemExit(str(e)) from None
             own.setdefault(s["task"], {}).setdefault(s["length"], []).append(s)
@@ -569,7 +590,8 @@ def long_context(cfg, model, tokenizer, name, lengths, own=None):
         for task in cfg.tasks:
             t0 = time.time()
             if own and task in own:
-                samples = [file_sample(s, tokenizer, length, cfg) for s in own[task][length][:cfg.samples]]
+                samples = [file_sample(s, tokenizer, length, i, cfg) for i, s in
+                           enumerate(spread(own[task][length], cfg.samples))]
             else:
                 samples = [make_sample(task, tokenizer, length, i, cfg) for i in range(cfg.samples)]
             if task == "mc_records":
@@ -591,7 +613,7 @@ def long_context(cfg, model, tokenizer, name, lengths, own=None):
                         s["pred"] = tokenizer.decode(tokens[:s["max_new_tokens"]], skip_special_tokens=True).strip()
                 preds, refs = [s["pred"] for s in samples], [s["answers"] for s in samples]
                 res = dict(score=string_match_all(preds, refs), string_match_all=string_match_all(preds, refs),
-                           string_match_part=string_match_part(preds, refs))
+                           string_match_part=string_match_part(preds, refs), exact_match=exact_match(preds, refs))
             res["samples"] = [{k: s[k] for k in ("index", "tokens", "depth", "depths", "answers", "pred", "options",
                                                  "answer_index", "logliks") if s.get(k) is not None}
                               for s in samples]

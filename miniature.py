@@ -9,7 +9,7 @@ without NLL, and the SFT and DPO baselines on the same records), a second round 
 LongPO model as πS on documents twice as long), and eval.py on every model (a single-needle retrieval of the world
 at W/2 ... 8W, through eval.py's --task_file, and short-context NLL / KL on held-out short pairs).
 
-    # the whole experiment on the shipped πS (about 3.5 min on a 2-core CPU): a Table-1-like table, two pictures
+    # the whole experiment on the shipped πS (about 3.6 min on a 2-core CPU): a Table-1-like table, two pictures
     python miniature.py
     # build πS from its fixed seed (5.5 min on one core; the shipped weights in miniature/pi_s are exactly this)
     python miniature.py build
@@ -53,9 +53,9 @@ class MiniConfig:
     build_tokens: int = 4096  # tokens a batch (sequences of one length, as many as fit)
     build_lr: float = 1e-3  # AdamW peak lr: linear warm-up, cosine decay to a tenth
     build_seed: int = 0  # world texts and initial weights of πS; the evaluation's seeds are apart (EVAL_SEED)
-    layers: int = 2
-    hidden: int = 128
-    heads: int = 4
+    layers: int = 2  # decoder layers of πS
+    hidden: int = 128  # hidden size (head dim = hidden / heads)
+    heads: int = 4  # attention heads (as many kv heads)
     mlp: int = 256  # intermediate size of the MLP
     tie: bool = False  # tied input and output embeddings (tied, the keys learnt as outputs blur as inputs)
     rope_theta_s: float = 10000.0  # πS's RoPE base
@@ -65,7 +65,7 @@ class MiniConfig:
     turns: int = 4  # chunks (turns) per document, n in Eq. 13 (paper: up to 4)
     lr: float = 1e-4  # every objective's Adam lr: the lr πS's build ends at (build_lr / 10)
     rope_theta: float = 1e5  # the policy's RoPE base: 10 x πS's, as §4.1 raises Mistral's 1e6 to 1e7
-    epochs: int = 2
+    epochs: int = 2  # passes over each round's records
     global_batch: int = 8  # records per step (paper: 8)
     ablation: bool = True  # also LongPO w/o NLL (--nll_weight 0)
     eval_samples: int = 100  # evaluation texts per length, from EVAL_SEED (needle depths evenly spread)
@@ -240,7 +240,7 @@ def build_batch(rng, tokenizer, cfg, frac):
     for b, (i, w) in enumerate(rows):
         ids[b, :len(i)] = torch.tensor(i)
         weights[b, :len(w)] = torch.tensor(w)
-    return ids, weights[:, :cfg.window]
+    return ids, weights
 
 
 def new_pi_s(cfg, tokenizer):
@@ -304,11 +304,11 @@ def build(cfg):
         hits.append(((hit & (w > 1)).sum() / (w > 1).sum().clamp(min=1)).item())
         if step % 100 == 0 or step == cfg.build_steps - 1:
             lo, hi, _ = curriculum(frac, cfg.window)
-            acc = {L: probe(model, tokenizer, L, 16, 10_000 + step) for L in (128, cfg.window, 2 * cfg.window,
-                                                                                4 * cfg.window)}
+            probes = " ".join(f"{L}:{probe(model, tokenizer, L, 16, 10_000 + step):.2f}"
+                              for L in (128, cfg.window, 2 * cfg.window, 4 * cfg.window))
             print(f"build step {step:5d} | loss {sum(losses[-100:]) / len(losses[-100:]):.3f} | lr {lr:.2e} | "
-                  f"lengths {lo}-{hi} | answer acc {sum(hits[-100:]) / len(hits[-100:]):.2f} | probe acc " + " ".join(f"{L}:{a:.2f}" for L, a in acc.items())
-                  + f" | {time.time() - t0:.0f}s", flush=True)
+                  f"lengths {lo}-{hi} | answer acc {sum(hits[-100:]) / len(hits[-100:]):.2f} | probe acc {probes} | "
+                  f"{time.time() - t0:.0f}s", flush=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = cfg.pi_s + ".tmp"
@@ -325,9 +325,15 @@ def build(cfg):
 # the experiment: the project's scripts, run as a user runs them
 
 
-LENGTHS = lambda W: [W // 2, W, 2 * W, 4 * W, 8 * W]  # the evaluation sweep: W/2 ... 8W
-ROWS = (("pi_s", "πS"), ("sft", "SFT"), ("dpo", "DPO"), ("longpo", "LongPO"), ("longpo_nonll", "LongPO w/o NLL"),
-        ("longpo_r2", "LongPO round 2"))
+def sweep(W):
+    """The evaluation's lengths: W/2 ... 8W."""
+    return [W // 2, W, 2 * W, 4 * W, 8 * W]
+
+
+# the table's rows: πS, πS with the policy's RoPE base and no training (what the base change alone does), the
+# baselines and LongPO on round 1's records, and round 2
+ROWS = (("pi_s", "πS"), ("pi_s_theta", "πS, θ raised, untrained"), ("sft", "SFT"), ("dpo", "DPO"),
+        ("longpo", "LongPO"), ("longpo_nonll", "LongPO w/o NLL"), ("longpo_r2", "LongPO round 2"))
 
 
 def write_corpus(path, n_docs, lo, hi, block, seed):
@@ -377,15 +383,17 @@ def write_short_heldout(path, n, window, seed):
 
 
 def grade(data_path, corpus_path):
-    """How good the generated data is, graded by the world's facts (a figure no real corpus can give): of the kept
-    turns, chosen answers right, rejected ones wrong, instructions that are world questions about a key of their
-    own chunk; and what generate.py's filters dropped (from its parts files)."""
+    """How good the generated data is, graded by the world's facts (a figure no real corpus can give). Of the kept
+    turns: world questions (the others are generate.py's fallback instruction or a malformed pool line), and of
+    those, the ones about a key of their own chunk; of these gradable turns, chosen answers right and rejected ones
+    wrong. And what generate.py's filters dropped (from its parts files)."""
     with open(corpus_path) as f:
         texts = [json.loads(line)["text"] for line in f]
     with open(corpus_path + ".facts.json") as f:
         facts = json.load(f)
     by_text = {t: kv for t, kv in zip(texts, facts)}
-    g = dict(records=0, turns=0, chosen_right=0, rejected_wrong=0, instruction_in_chunk=0, not_a_world_question=0)
+    g = dict(records=0, turns=0, fallback_instruction=0, malformed_question=0, key_not_in_chunk=0, gradable=0,
+             chosen_right=0, rejected_wrong=0)
     with open(data_path) as f:
         for line in f:
             r = json.loads(line)
@@ -394,15 +402,18 @@ def grade(data_path, corpus_path):
             for t in r["turns"]:
                 g["turns"] += 1
                 k = key_of(t["instruction"])
-                if k is None:  # e.g. generate.py's fallback instruction, when no pool line could be parsed
-                    g["not_a_world_question"] += 1
+                if k is None:
+                    g["fallback_instruction" if t["instruction"] == FALLBACK_INSTRUCTION else "malformed_question"] += 1
                     continue
                 s, e = t["chunk"]
-                g["instruction_in_chunk"] += fact(k, kv.get(k, "")) in r["document"][s:e]
-                g["chosen_right"] += t["chosen"] == kv.get(k)
-                g["rejected_wrong"] += t["rejected"] != kv.get(k)
-    n = max(g["turns"], 1)
-    g.update({f"{k}_rate": g[k] / n for k in ("chosen_right", "rejected_wrong", "instruction_in_chunk")})
+                if k not in kv or fact(k, kv[k]) not in r["document"][s:e]:
+                    g["key_not_in_chunk"] += 1
+                    continue
+                g["gradable"] += 1
+                g["chosen_right"] += t["chosen"] == kv[k]
+                g["rejected_wrong"] += t["rejected"] != kv[k]
+    g["gradable_rate"] = g["gradable"] / max(g["turns"], 1)
+    g.update({f"{k}_rate": g[k] / max(g["gradable"], 1) for k in ("chosen_right", "rejected_wrong")})
     dropped = {}
     for part in sorted(glob.glob(data_path + ".parts/rank-*.jsonl")):
         with open(part) as f:
@@ -431,6 +442,18 @@ def run(cmd, log, procs=1):
     return time.time() - t0
 
 
+def with_rope_theta(src, dst, theta):
+    """A copy of the model directory src whose RoPE base is theta: πS as the policy starts, before any step."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["rope_parameters"] = {**config.get("rope_parameters", {"rope_type": "default"}), "rope_theta": theta}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return dst
+
+
 def newest(out):
     found = longpo.checkpoints(out)
     if not found:
@@ -445,7 +468,7 @@ def experiment(cfg):
         raise SystemExit(f"--pi_s {cfg.pi_s}: no πS there; build it with `python miniature.py build`")
     os.makedirs(out, exist_ok=True)
     tokenizer = make_tokenizer()
-    lengths = LENGTHS(W)
+    lengths = sweep(W)
     r1_len, r2_len = 4 * W, 8 * W  # round 1: documents of 2W-4W tokens; round 2: 4W-8W (§3.3 doubles the length)
     p = lambda name: os.path.join(out, name)
     # chunks: πS is never asked past its window; the longest short prompt, [chunk; pool prompt] with the template
@@ -455,10 +478,10 @@ def experiment(cfg):
     if longest + 48 > W:
         raise SystemExit(f"--window {W}: a chunk of {chunk} tokens and its pool ({longest} + 48 tokens) exceed it")
     # the world's texts: each use its own seed; the evaluation's apart from everything that trains or generates
-    write_corpus(p("corpus_r1.jsonl"), cfg.docs, r1_len // 2, r1_len, chunk, cfg.seed + 1)
-    write_corpus(p("corpus_r2.jsonl"), cfg.docs_r2, r2_len // 2, r2_len, chunk, cfg.seed + 2)
-    write_eval_tasks(p("eval_tasks.jsonl"), lengths, cfg.eval_samples, EVAL_SEED, tokenizer)
-    write_short_heldout(p("short_heldout.jsonl"), cfg.eval_samples, W, EVAL_SEED + 1)
+    write_corpus(p("corpus_r1.jsonl"), cfg.docs, r1_len // 2, r1_len, chunk, f"corpus r1/{cfg.seed}")
+    write_corpus(p("corpus_r2.jsonl"), cfg.docs_r2, r2_len // 2, r2_len, chunk, f"corpus r2/{cfg.seed}")
+    write_eval_tasks(p("eval_tasks.jsonl"), lengths, cfg.eval_samples, f"eval/{EVAL_SEED}", tokenizer)
+    write_short_heldout(p("short_heldout.jsonl"), cfg.eval_samples, W, f"eval short/{EVAL_SEED}")
     stages, grades = {}, {}
     gen_flags = ["--chunk_tokens", str(chunk), "--min_chunk_tokens", str(chunk // 2), "--chunks_per_doc",
                  str(cfg.turns), "--pool_max_new_tokens", "48", "--max_new_tokens", "8", "--long_group", "4"]
@@ -475,9 +498,10 @@ def experiment(cfg):
                                         p(f"generate_{tag}.log"), cfg.procs)
         grades[tag] = grade(data, corpus)
         g = grades[tag]
-        print(f"data {tag}: {g['records']} records, {g['turns']} turns kept | chosen right "
-              f"{g['chosen_right_rate']:.2f} | rejected wrong {g['rejected_wrong_rate']:.2f} | instruction about a "
-              f"key of its chunk {g['instruction_in_chunk_rate']:.2f} | generate.py's counts "
+        print(f"data {tag}: {g['records']} records, {g['turns']} turns kept, {g['gradable']} of them a question about "
+              f"a key of their chunk (others: {g['fallback_instruction']} fallback, {g['malformed_question']} "
+              f"malformed, {g['key_not_in_chunk']} about another key); of those, chosen right "
+              f"{g['chosen_right_rate']:.2f}, rejected wrong {g['rejected_wrong_rate']:.2f} | generate.py's counts "
               f"{json.dumps(g['generate_counts'], sort_keys=True)} | {stages[f'generate {tag}']:.0f}s", flush=True)
 
     def train(name, model, data, max_len, *extra):
@@ -489,7 +513,9 @@ def experiment(cfg):
 
     # round 1: πS writes short-to-long preference data over documents of 2W-4W tokens, then each objective
     generate(cfg.pi_s, p("corpus_r1.jsonl"), p("r1.jsonl"), r1_len, "r1")
-    models = {"pi_s": cfg.pi_s}
+    if not grades["r1"]["records"]:
+        raise SystemExit(f"round 1: generate.py kept no record (see {p('generate_r1.log')}): nothing to train on")
+    models = {"pi_s": cfg.pi_s, "pi_s_theta": with_rope_theta(cfg.pi_s, p("pi_s_theta"), cfg.rope_theta)}
     models["sft"] = train("sft", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--loss", "sft")
     models["dpo"] = train("dpo", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--loss", "dpo")
     models["longpo"] = train("longpo", cfg.pi_s, p("r1.jsonl"), r1_len + 512)
@@ -497,7 +523,10 @@ def experiment(cfg):
         models["longpo_nonll"] = train("longpo_nonll", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--nll_weight", "0")
     # round 2 (§3.3): the round-1 LongPO model is πS, over documents of 4W-8W tokens
     generate(models["longpo"], p("corpus_r2.jsonl"), p("r2.jsonl"), r2_len, "r2")
-    models["longpo_r2"] = train("longpo_r2", models["longpo"], p("r2.jsonl"), r2_len + 512)
+    if grades["r2"]["records"]:
+        models["longpo_r2"] = train("longpo_r2", models["longpo"], p("r2.jsonl"), r2_len + 512)
+    else:  # every turn filtered out: there is nothing to train round 2 on, and the table says so by its absence
+        print("round 2: generate.py kept no record; no round-2 model", flush=True)
     # every model on the same held-out texts, through eval.py's own task loop and scorer
     stages["eval"] = run(["eval.py", "--models", *[f"{k}={v}" for k, v in models.items()], "--task_file",
                           p("eval_tasks.jsonl"), "--tasks", "world_code", "--lengths", *map(str, lengths),
@@ -506,12 +535,17 @@ def experiment(cfg):
                           "--json", p("eval.json")], p("eval.log"))
     with open(p("eval.json")) as f:
         report = json.load(f)
-    results = dict(lengths=lengths, window=W, models={}, short={}, data=grades, stages_s=stages,
-                   settings={k: v for k, v in dataclasses.asdict(cfg).items()})
-    results["far"] = {}
+    doc_lengths = {}
+    for tag in ("r1", "r2"):  # the lengths each round really trained at, for the picture
+        with open(p(f"corpus_{tag}.jsonl")) as f:
+            n = [len(json.loads(line)["text"].split()) for line in f]
+        doc_lengths[tag] = [min(n), max(n)]
+    results = dict(lengths=lengths, window=W, models={}, exact={}, far={}, short={}, data=grades, stages_s=stages,
+                   document_lengths=doc_lengths, settings=dataclasses.asdict(cfg))
     for name, entry in report["models"].items():
         per = entry["long"]["world_code"]
         results["models"][name] = {str(L): per[str(L)]["score"] for L in lengths}
+        results["exact"][name] = {str(L): per[str(L)]["exact_match"] for L in lengths}
         results["short"][name] = {k: entry["short"][k] for k in ("nll", "kl")}
         # the same scores over the needles more than W tokens before the question only: distances πS never saw
         far = {}
@@ -530,24 +564,29 @@ def experiment(cfg):
 
 
 def table(results):
-    """Table 1 in miniature: a row per model, a column per length, the average, short-context retention."""
+    """Table 1 in miniature: a row per model, a column per length, the average, short-context retention; then the
+    same runs scored by exact match, and over the needles farther than W from the question only."""
     lengths, W = results["lengths"], results["window"]
-    head = ["model"] + [f"{L}{'*' if L > W else ''}" for L in lengths] + ["avg", "NLL short", "KL vs πS"]
-    rows = []
-    for name, label in ROWS:
-        if name not in results["models"]:
-            continue
-        scores = [results["models"][name][str(L)] for L in lengths]
-        sh = results["short"][name]
-        rows.append([label] + [f"{s:.1f}" for s in scores] + [f"{sum(scores) / len(scores):.1f}",
-                                                              f"{sh['nll']:.3f}", f"{sh['kl']:.3f}"])
-    text = (f"exact retrieval (eval.py's string match, 0-100) per context length in tokens; W = {W} is πS's window, "
-            f"'*' past it\n" + format_table(head, rows))
     far = [L for L in lengths if L > W]
-    rows = [[label] + [f"{results['far'][name][str(L)]:.1f}" for L in far]
-            for name, label in ROWS if name in results["far"]]
-    return text + ("\n\nthe same, over the needles more than W tokens before the question only\n"
-                   + format_table(["model"] + [str(L) for L in far], rows))
+    text = []
+    for title, key, cols in (
+            ("retrieval score (eval.py's string_match_all, RULER's: the answer found in the output), 0-100", "models",
+             lengths),
+            ("exact match (eval.py's exact_match: the output is the answer and nothing else), 0-100", "exact", lengths),
+            ("string_match_all over the needles more than W tokens before the question only (distances πS never "
+             "saw in training)", "far", far)):
+        head = ["model"] + [f"{L}{'*' if L > W else ''}" for L in cols] + ["avg"]
+        head += ["NLL short", "KL vs πS"] if key == "models" else []
+        rows = []
+        for name, label in ROWS:
+            if name in results[key]:
+                scores = [results[key][name][str(L)] for L in cols]
+                row = [label] + [f"{x:.1f}" for x in scores] + [f"{sum(scores) / len(scores):.1f}"]
+                if key == "models":
+                    row += [f"{results['short'][name]['nll']:.3f}", f"{results['short'][name]['kl']:.3f}"]
+                rows.append(row)
+        text += [title, format_table(head, rows), ""]
+    return f"context length in tokens; W = {W} is πS's window, '*' past it\n\n" + "\n".join(text)
 
 
 def pictures(results, out):
@@ -560,12 +599,13 @@ def pictures(results, out):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, label in ROWS:
         if name in results["models"]:
-            ax.plot(lengths, [results["models"][name][str(L)] for L in lengths], marker="o", label=label)
+            ax.plot(lengths, [results["models"][name][str(L)] for L in lengths], marker="o", label=label,
+                    ls="--" if name == "pi_s_theta" else "-")
     W = results["window"]
-    ax.axvspan(2 * W, 4 * W, color="tab:red", alpha=0.06, lw=0)  # the lengths each round trains at
-    ax.axvspan(4 * W, 8 * W, color="tab:brown", alpha=0.06, lw=0)
-    ax.text(2 * W * 1.05, 4, "round-1\ndocuments", fontsize=7, color="tab:red")
-    ax.text(4 * W * 1.05, 4, "round-2\ndocuments", fontsize=7, color="tab:brown")
+    for tag, colour in (("r1", "tab:red"), ("r2", "tab:brown")):  # the document lengths each round trained at
+        lo, hi = results["document_lengths"][tag]
+        ax.axvspan(lo, hi, color=colour, alpha=0.08, lw=0)
+        ax.text(lo * 1.03, 4, f"round-{tag[1]}\ndocuments", fontsize=7, color=colour)
     ax.axvline(results["window"], color="grey", ls=":", lw=1)
     ax.text(results["window"], 102, " W", color="grey", va="bottom")
     ax.set(xscale="log", xlabel="context length (tokens)", ylabel="retrieval score (0-100)", ylim=(-3, 108),
@@ -596,8 +636,8 @@ def pictures(results, out):
 
 
 def main(argv):
-    verb = argv[0] if argv and not argv[0].startswith("--") else "run"
-    cfg = longpo.parse_config(MiniConfig, argv[1:] if argv and not argv[0].startswith("--") else argv)
+    verb, flags = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else ("run", argv)
+    cfg = longpo.parse_config(MiniConfig, flags)
     if verb == "build":
         build(cfg)
     elif verb == "run":

@@ -1376,7 +1376,7 @@ def test_world_eval_tasks_and_corpus(tmp_path):
         for s in own["world_code"][L]:
             key = M.key_of(s["user"].split("\n\n")[-1])
             assert M.fact(key, s["answers"][0]) in s["user"]  # answerable from its text, answer as stated
-            assert E.file_sample(s, tok, L, cfg)["tokens"] == L  # prompt + answer: exactly the length
+            assert E.file_sample(s, tok, L, 0, cfg)["tokens"] == L  # prompt + answer: exactly the length
     M.write_corpus(str(tmp_path / "c.jsonl"), 3, 1024, 2048, 416, 1)
     facts = json.load(open(tmp_path / "c.jsonl.facts.json"))
     for line, kv in zip(open(tmp_path / "c.jsonl"), facts):
@@ -1392,7 +1392,8 @@ def test_task_file_errors_name_file_line_field(tmp_path):
     path = tmp_path / "t.jsonl"
     good = {"task": "mine", "length": 300, "user": "a question", "answers": ["x"]}
     for bad, field_name in (({**good, "task": "vt"}, "task"), ({**good, "length": "300"}, "length"),
-                            ({**good, "answers": []}, "answers"), ({**good, "user": ""}, "user")):
+                            ({**good, "answers": []}, "answers"), ({**good, "user": ""}, "user"),
+                            ({**good, "depth": "deep"}, "depth"), ({**good, "depth": 1.5}, "depth")):
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(SystemExit, match=f"t.jsonl:2: field '{field_name}'"):
             E.read_task_file(str(path))
@@ -1414,8 +1415,8 @@ def test_grade_counts_right_and_wrong(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"id": "d", "document": text, "turns": turns}) + "\n")
     g = M.grade(str(data), str(corpus))
-    assert (g["turns"], g["chosen_right"], g["rejected_wrong"], g["not_a_world_question"]) == (3, 1, 1, 1)
-    assert g["instruction_in_chunk"] == 2
+    assert (g["turns"], g["gradable"], g["fallback_instruction"], g["chosen_right"], g["rejected_wrong"]) == (3, 2, 1, 1, 1)
+    assert g["chosen_right_rate"] == g["rejected_wrong_rate"] == 0.5
 
 
 def test_pi_s_build_loss_falls(tmp_path):
@@ -1432,20 +1433,24 @@ def test_miniature_end_to_end_toy(tmp_path):
     """The whole experiment at toy size on the shipped πS: every stage runs as a user runs it, results.json holds
     every model at every length, and each score is what eval.py's own scorer gives for the samples it wrote."""
     out = tmp_path / "mini"
-    p = subprocess.run([sys.executable, "miniature.py", "--out", str(out), "--docs", "3", "--docs_r2", "3",
+    p = subprocess.run([sys.executable, "miniature.py", "--out", str(out), "--docs", "8", "--docs_r2", "6",
                         "--eval_samples", "2", "--epochs", "1", "--global_batch", "1", "--procs", "1",
                         "--ablation", "false"], capture_output=True, text=True, cwd=HERE, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.load(open(out / "results.json"))
     assert res["lengths"] == [256, 512, 1024, 2048, 4096]
-    assert set(res["models"]) == {"pi_s", "sft", "dpo", "longpo", "longpo_r2"}
+    assert set(res["models"]) == set(res["exact"]) == {"pi_s", "pi_s_theta", "sft", "dpo", "longpo", "longpo_r2"}
     report = json.load(open(out / "eval.json"))
     for name, scores in res["models"].items():
         for L in res["lengths"]:
             samples = report["models"][name]["long"]["world_code"][str(L)]["samples"]
             assert len(samples) == 2
-            assert scores[str(L)] == E.string_match_all([s["pred"] for s in samples], [s["answers"] for s in samples])
-    assert res["data"]["r1"]["turns"] > 0 and 0 <= res["data"]["r1"]["chosen_right_rate"] <= 1
+            preds, refs = [s["pred"] for s in samples], [s["answers"] for s in samples]
+            assert scores[str(L)] == E.string_match_all(preds, refs)
+            assert res["exact"][name][str(L)] == E.exact_match(preds, refs)
+    g = res["data"]["r1"]
+    assert g["turns"] == g["gradable"] + g["fallback_instruction"] + g["malformed_question"] + g["key_not_in_chunk"]
+    assert g["turns"] > 0 and 0 <= g["chosen_right_rate"] <= 1
     assert (out / "scores.png").stat().st_size > 0 and (out / "rewards.png").stat().st_size > 0
     assert "LongPO round 2" in p.stdout
 
@@ -1506,8 +1511,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny, tmp_path):
     (lambda r: r.update(document="abc\ud800def" * 5), r"bad.jsonl:2: field 'document': holds a lone surrogate"),
     (lambda r: r["turns"][0].update(chosen="x\udfff"), r"bad.jsonl:2: field 'turns\[0\].chosen': holds a lone"),
     (lambda r: r.update(meta="abc"), r"bad.jsonl:2: field 'meta': expected an object, got str"),
-    (lambda r: r["turns"][0].update(chunk=[10, 5]), r"bad.jsonl:2: field 'turns\[0\].chunk': span \[10, 5\] is empty or "
-                                                     r"reversed"),
+    (lambda r: r["turns"][0].update(chunk=[10, 5]), r"bad.jsonl:2: field 'turns\[0\].chunk': span \[10, 5\] is empty"),
     (lambda r: r["turns"][0].update(chunk=[4, 4]), r"bad.jsonl:2: field 'turns\[0\].chunk': span \[4, 4\] is empty"),
 ])
 def test_more_bad_records(tmp_path, mutate, message):
@@ -1571,3 +1575,9 @@ def test_eval_output_path_checked_before_any_model(tmp_path):
     for bad in (str(tmp_path), str(tmp_path / "f" / "eval.json")):
         with pytest.raises(SystemExit, match="cannot be written"):
             E.main(E.EvalConfig(json=bad, models=["nowhere"]))
+
+
+def test_task_file_samples_spread_and_exact_match():
+    assert E.spread(list(range(100)), 4) == [0, 25, 50, 75] and E.spread([1, 2], 2) == [1, 2]
+    assert E.exact_match([" 417 ", "417 . the", "x"], [["417"], ["417"], ["X"]]) == pytest.approx(200 / 3)
+    assert E.string_match_all(["417 . the"], [["417"]]) == 100.0
