@@ -697,8 +697,7 @@ def main(cfg):
     if cfg.samples < 1 or cfg.batch < 1:
         raise SystemExit("--samples and --batch must be at least 1")
     # every input is checked before the first model loads, so a typo costs seconds, not a sweep
-    folder = os.path.dirname(cfg.json) or "."
-    if os.path.isdir(cfg.json) or (os.path.exists(folder) and not os.path.isdir(folder)):
+    if os.path.isdir(cfg.json) or not longpo.creatable_dir(os.path.dirname(cfg.json) or "."):
         raise SystemExit(f"--json {cfg.json}: cannot be written (a directory, or under a file)")
     models = resolve_models(cfg)
     mc_items = read_mc(cfg.mc) if cfg.mc else None

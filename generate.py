@@ -299,10 +299,12 @@ def read_corpus(path):
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
                 raise SystemExit(f"{f}:{lineno}: malformed JSON: {e}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise SystemExit(f"{f}:{lineno}: expected a JSON object with a string field 'text'")
+            if not longpo.valid_text(obj["text"]):
+                raise SystemExit(f"{f}:{lineno}: field 'text' holds a lone surrogate (e.g. \\ud800): not valid Unicode")
             docs.append((f"{f}:{lineno}", obj["text"]))
     return docs
 

@@ -123,7 +123,8 @@ def parse_config(cls, argv):
                     value = int(value)
             except (ValueError, OverflowError):
                 raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
-            if kind is float and not math.isfinite(value):  # --lr inf would train to all-NaN weights
+            if kind is float and not (math.isfinite(value) and abs(value) <= 3.4028234663852886e38):
+                # --lr inf would train to all-NaN weights; torch keeps hyper-parameters in float32
                 raise SystemExit(f"--{name} takes a finite number, got {values[0]!r}")
             setattr(cfg, name, value)
     return cfg
@@ -532,7 +533,7 @@ def check_field(cond, where, field_name, msg):
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _valid_text(text):
+def valid_text(text):
     """Encodable as UTF-8: JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes."""
     try:
         text.encode("utf-8")
@@ -554,7 +555,7 @@ def validate_record(rec, where, need_ref=True):
     check_field(isinstance(rec.get("id"), str) and rec["id"], where, "id", "missing, empty or not a string")
     doc = rec.get("document")
     check_field(isinstance(doc, str) and doc.strip(), where, "document", "missing, empty or not a string")
-    check_field(_valid_text(doc), where, "document", "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
+    check_field(valid_text(doc), where, "document", "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
     meta = rec.get("meta")
     check_field(meta is None or isinstance(meta, dict), where, "meta", f"expected an object, got {type(meta).__name__}")
     turns = rec.get("turns")
@@ -573,7 +574,7 @@ def validate_record(rec, where, need_ref=True):
         for key in ("instruction", "chosen", "rejected"):
             check_field(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}",
                         "missing, empty or not a string")
-            check_field(_valid_text(t[key]), where, f"{f}.{key}",
+            check_field(valid_text(t[key]), where, f"{f}.{key}",
                         "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
         if need_ref:
             for key in ("ref_chosen_logp", "ref_rejected_logp"):
@@ -772,6 +773,14 @@ def inference_dtype(name, device, allowed=("auto", "float32", "float64", "bfloat
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def creatable_dir(path):
+    """path is a directory, or could be made one: its first existing ancestor is a directory."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path)
 
 
 def checkpoints(out):
@@ -1022,7 +1031,8 @@ def train(cfg):
                      ("lr", cfg.lr > 0), ("global_batch", cfg.global_batch >= 1), ("epochs", cfg.epochs >= 1),
                      ("save_every", cfg.save_every >= 1), ("logp_chunk", cfg.logp_chunk >= 1),
                      ("max_len", cfg.max_len >= 2), ("warmup_steps", cfg.warmup_steps >= 0),
-                     ("max_bad_steps", cfg.max_bad_steps >= 1),
+                     ("max_bad_steps", cfg.max_bad_steps >= 1), ("weight_decay", cfg.weight_decay >= 0),
+                     ("rope_theta", cfg.rope_theta == 0 or cfg.rope_theta > 1),
                      ("grad_clip", cfg.grad_clip >= 0)):
         if not ok:
             raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
@@ -1032,8 +1042,8 @@ def train(cfg):
     print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {accum} record(s) per rank per step; "
            f"flash-attn: {flash_attn_func is not None}")
     print0(json.dumps(dataclasses.asdict(cfg)))
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise SystemExit(f"--out {cfg.out}: a file, expected a directory for checkpoints and metrics")
+    if not creatable_dir(cfg.out):
+        raise SystemExit(f"--out {cfg.out}: a file (or under one), expected a directory for checkpoints and metrics")
     found = checkpoints(cfg.out)
     if cfg.resume and not found:
         print0(f"--resume: no checkpoint in {cfg.out}; starting from step 0")
@@ -1068,7 +1078,7 @@ def train(cfg):
         raise SystemExit(f"{len(data)} record(s) make no full step of --global_batch {cfg.global_batch}")
     left = len(data) % cfg.global_batch
     if left:  # full batches only: a step's loss is always a mean over global_batch records
-        used = {i for s in steps for i in s}
+        used = {i for s in schedule(len(data), dataclasses.replace(cfg, max_steps=-1), env.dp) for i in s}
         lines = sorted(data[i]["line"] for i in range(len(data)) if i not in used)
         print0(f"{left} record(s) an epoch fill no batch of --global_batch {cfg.global_batch} and are left out of "
                f"that epoch (a different draw each epoch); never trained: {len(lines)}"
@@ -1116,9 +1126,17 @@ def train(cfg):
         params = [p for p in policy.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = math.isfinite(grad_norm.item()) and all(math.isfinite(v) for v in vals.tolist())
+        finite = math.isfinite(grad_norm.item()) and math.isfinite(vals[keys.index("loss")].item())
         if finite:
             optimizer.step()
+            bad = non_finite_parameter(policy)  # a finite step can still overflow a weight (a huge lr)
+            flag = torch.tensor([bad is not None], dtype=torch.float32, device=env.device)
+            if dist.is_initialized():
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                teardown_distributed()
+                raise SystemExit(f"stopping at step {step + 1}: its update made parameter {bad or '(on another rank)'} "
+                                 f"non-finite (--lr {cfg.lr}?); no checkpoint of it is written")
         bad_steps = 0 if finite else bad_steps + 1
         optimizer.zero_grad(set_to_none=True)
         # log: one line and one strict-JSON record a step (a non-finite value is written as null)
@@ -1126,7 +1144,9 @@ def train(cfg):
         rec = {"step": step + 1, **{k: vals[j].item() / cfg.global_batch for j, k in enumerate(keys)},
                "grad_norm": grad_norm.item(), "tokens_per_s": vals[-1].item() / dt,
                "peak_mem_gb": peak_memory_gb(env.device), "lr": lr, "time_s": dt}
-        rec = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in rec.items()}
+        rec = {k: v if not isinstance(v, float) or math.isfinite(v) and (finite or k in ("tokens_per_s", "lr", "time_s",
+                                                                               "peak_mem_gb")) else None
+               for k, v in rec.items()}  # a skipped step's metrics are null: they describe no update
         rec["skipped"] = not finite
         skipped_lines = sorted(data[i]["line"] for i in steps[step])
         if env.master:

@@ -1460,7 +1460,7 @@ def test_miniature_end_to_end_toy(tmp_path):
 
 
 def test_non_finite_flags_references_and_weights_refused(tiny, tmp_path):
-    for flag in ("inf", "nan", "-inf", "1e999"):
+    for flag in ("inf", "nan", "-inf", "1e999", "1e39"):
         with pytest.raises(SystemExit, match=f"--lr takes a finite number, got '{flag}'"):
             longpo.parse_config(longpo.Config, ["--lr", flag])
     # a reference log-prob finite in JSON but past float32's range, or an integer too large for a float
@@ -1532,8 +1532,11 @@ def test_bad_inputs_end_in_one_line(tiny, tmp_path):
         longpo.prepare_data(longpo.Config(data=path, max_len=4096), tok)
     cases = [(["--data", str(bad_utf8)], "utf8.jsonl:2: not UTF-8 text", 2),
              (["--data", str(tmp_path)], "a directory, expected a JSONL file", 1),
-             (["--out", str(bad_utf8)], "a file, expected a directory", 1),
+             (["--out", str(bad_utf8)], "a file (or under one), expected a directory", 1),
              (["--sp", "-1"], "--sp -1: must be 0", 1),
+             (["--out", str(bad_utf8 / "sub")], "a file (or under one)", 1),
+             (["--rope_theta", "-1"], "--rope_theta -1.0 is out of range", 1),
+             (["--weight_decay", "-1"], "--weight_decay -1.0 is out of range", 1),
              (["--lr", "inf"], "--lr takes a finite number", 1)]
     for extra, message, status in cases:
         args = train_args(tiny, tmp_path / "out", "--max_steps", 1)
@@ -1562,6 +1565,11 @@ def test_generate_corpus_and_flags(tmp_path):
     corpus.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"text": "c"}) + "\n",
                       encoding="utf-8")
     assert [t for _, t in G.read_corpus(str(corpus))] == ["a\u2028b", "c"]
+    for bad, message in (('{"text": "ab\\ud800c"}', "c.jsonl:1: field 'text' holds a lone surrogate"),
+                         ('{"text": "a", "n": ' + "9" * 5000 + "}", "c.jsonl:1: malformed JSON")):
+        corpus.write_text(bad + "\n")
+        with pytest.raises(SystemExit, match=message):
+            G.read_corpus(str(corpus))
     assert G.remove_specials("x<|im_<|im_end|>end|>y<|im_end|>", ["<|im_end|>"]) == ("xy", 3)
     for flag in (["--chunk_tokens", "0"], ["--pool_temperature", "-1"], ["--prefill_chunk", "0"]):
         p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
@@ -1581,3 +1589,14 @@ def test_task_file_samples_spread_and_exact_match():
     assert E.spread(list(range(100)), 4) == [0, 25, 50, 75] and E.spread([1, 2], 2) == [1, 2]
     assert E.exact_match([" 417 ", "417 . the", "x"], [["417"], ["417"], ["X"]]) == pytest.approx(200 / 3)
     assert E.string_match_all(["417 . the"], [["417"]]) == 100.0
+
+
+def test_update_that_overflows_a_weight_stops_at_once(tiny, tmp_path):
+    """RMSprop at lr 3e38: a finite loss and gradient, but the update overflows weights to inf. The run stops at
+    that step, naming it and the lr, and writes no checkpoint of it."""
+    out = tmp_path / "out"
+    args = train_args(tiny, out, "--optimizer", "rmsprop", "--save_every", 1)
+    args[args.index("--lr") + 1] = 3e38
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 1 and "stopping at step 1: its update made parameter" in p.stderr and "--lr 3e+38" in p.stderr
+    assert longpo.checkpoints(str(out)) == []
