@@ -472,40 +472,47 @@ def resolve_tasks(tasks, own=()):
     return list(tasks) + [t for t in own if t not in tasks]
 
 
-def read_task_file(path):
-    """--task_file: {task: {length: [sample, ...]}} from lines {"task", "length", "user", "answers", "depth"?};
-    a malformed line stops with file:line and the field."""
-    if not os.path.exists(path):
-        raise SystemExit(f"--task_file {path}: no such file")
-    own = {}
+def jsonl_objects(path):
+    """(where, object) for each non-blank line of a JSONL file, where = "path:line"; malformed JSON raises
+    ValueError naming path:line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                s = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{where}: malformed JSON: {e}") from None
-            try:
-                longpo.check_field(isinstance(s, dict), where, "<sample>", "expected a JSON object")
-                longpo.check_field(isinstance(s.get("task"), str) and s["task"] not in TASKS and s["task"] != "all",
-                                   where, "task", f"expected a new task name (not a built-in), got {s.get('task')!r}")
-                longpo.check_field(isinstance(s.get("length"), int) and not isinstance(s["length"], bool)
-                                   and s["length"] > 0, where, "length", f"expected a positive int, got "
-                                   f"{s.get('length')!r}")
-                longpo.check_field(isinstance(s.get("user"), str) and s["user"].strip(), where, "user",
-                                   "missing, empty or not a string")
-                a = s.get("answers")
-                longpo.check_field(isinstance(a, list) and a and all(isinstance(x, str) and x for x in a), where,
-                                   "answers", f"expected a list of non-empty strings, got {a!r}")
-                d = s.get("depth")
-                longpo.check_field(d is None or (isinstance(d, (int, float)) and not isinstance(d, bool)
-                                                 and 0 <= d <= 1), where, "depth",
-                                   f"expected a number in [0, 1] (needle position / text length), got {d!r}")
-            except ValueError as e:
-                raise SystemExit(str(e)) from None
+                obj = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
+                raise ValueError(f"{where}: malformed JSON: {e}") from None
+            yield where, obj
+
+
+def read_task_file(path):
+    """--task_file: {task: {length: [sample, ...]}} from lines {"task", "length", "user", "answers", "depth"?};
+    a malformed line stops with file:line and the field."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--task_file {path}: no such file")
+    own = {}
+    try:
+        for where, s in jsonl_objects(path):
+            longpo.check_field(isinstance(s, dict), where, "<sample>", "expected a JSON object")
+            longpo.check_field(isinstance(s.get("task"), str) and s["task"] not in TASKS and s["task"] != "all",
+                               where, "task", f"expected a new task name (not a built-in), got {s.get('task')!r}")
+            longpo.check_field(isinstance(s.get("length"), int) and not isinstance(s["length"], bool)
+                               and s["length"] > 0, where, "length",
+                               f"expected a positive int, got {s.get('length')!r}")
+            longpo.check_field(isinstance(s.get("user"), str) and s["user"].strip(), where, "user",
+                               "missing, empty or not a string")
+            a = s.get("answers")
+            longpo.check_field(isinstance(a, list) and a and all(isinstance(x, str) and x for x in a), where,
+                               "answers", f"expected a list of non-empty strings, got {a!r}")
+            d = s.get("depth")
+            longpo.check_field(d is None or (isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1),
+                               where, "depth",
+                               f"expected a number in [0, 1] (needle position / text length), got {d!r}")
             own.setdefault(s["task"], {}).setdefault(s["length"], []).append(s)
+    except ValueError as e:  # one line naming file:line:field, not a traceback
+        raise SystemExit(str(e)) from None
     if not own:
         raise SystemExit(f"--task_file {path}: no samples")
     return own
@@ -540,26 +547,17 @@ def read_mc(path):
     if not os.path.exists(path):
         raise SystemExit(f"--mc {path}: no such file")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                it = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON: {e}") from None
-            longpo.check_field(isinstance(it, dict), where, "<item>",
-                               f"expected a JSON object, got {type(it).__name__}")
-            longpo.check_field(isinstance(it.get("question"), str) and it["question"].strip(), where, "question",
-                               "missing, empty or not a string")
-            ch = it.get("choices")
-            longpo.check_field(isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch),
-                               where, "choices", f"expected a list of at least 2 non-empty strings, got {ch!r}")
-            a = it.get("answer")
-            longpo.check_field(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(ch), where, "answer",
-                               f"expected a 0-based index into the {len(ch)} choices, got {a!r}")
-            items.append(it)
+    for where, it in jsonl_objects(path):
+        longpo.check_field(isinstance(it, dict), where, "<item>", f"expected a JSON object, got {type(it).__name__}")
+        longpo.check_field(isinstance(it.get("question"), str) and it["question"].strip(), where, "question",
+                           "missing, empty or not a string")
+        ch = it.get("choices")
+        longpo.check_field(isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) and c for c in ch),
+                           where, "choices", f"expected a list of at least 2 non-empty strings, got {ch!r}")
+        a = it.get("answer")
+        longpo.check_field(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(ch), where, "answer",
+                           f"expected a 0-based index into the {len(ch)} choices, got {a!r}")
+        items.append(it)
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -123,7 +123,7 @@ def parse_config(cls, argv):
                     value = int(value)
             except (ValueError, OverflowError):
                 raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
-            if kind is float and not (math.isfinite(value) and abs(value) <= 3.4028234663852886e38):
+            if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
                 # --lr inf would train to all-NaN weights; torch keeps hyper-parameters in float32
                 raise SystemExit(f"--{name} takes a finite number, got {values[0]!r}")
             setattr(cfg, name, value)
@@ -787,13 +787,21 @@ def checkpoints(out):
     return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")))
 
 
-def non_finite_parameter(model):
-    """The name of the first parameter (this rank's shard of it) holding a NaN or an infinity, or None."""
+def non_finite_parameter(model, env=None):
+    """The name of the first parameter holding a NaN or an infinity, or None. Under FSDP2 each rank checks its own
+    shards; with env, the ranks agree (a collective: every rank must call it), and a rank whose own shards are
+    clean answers "(on another rank)"."""
+    bad = None
     for name, p in model.named_parameters():
         local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor under FSDP2: this rank's shard
         if not torch.isfinite(local).all():
-            return name
-    return None
+            bad = name
+            break
+    if env is not None and dist.is_initialized():
+        flag = torch.tensor([bad is not None], dtype=torch.float32, device=env.device)  # (1,)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # (1,): 1 when any rank found one
+        bad = bad or ("(on another rank)" if flag.item() else None)
+    return bad
 
 
 def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
@@ -802,11 +810,7 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
     directory and renamed, so a crash never leaves a half-written checkpoint behind."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-    bad = non_finite_parameter(policy)
-    if dist.is_initialized():  # each rank checks its own shards; every rank must agree before writing
-        flag = torch.tensor([bad is not None], dtype=torch.float32, device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bad or (None if flag.item() == 0 else "(on another rank)")
+    bad = non_finite_parameter(policy, env)  # every rank must agree before anything is written
     if bad is not None:
         raise SystemExit(f"not saving step {step}: parameter {bad} holds non-finite values")
     final = os.path.join(cfg.out, f"step-{step:06d}")
@@ -1129,14 +1133,11 @@ def train(cfg):
         finite = math.isfinite(grad_norm.item()) and math.isfinite(vals[keys.index("loss")].item())
         if finite:
             optimizer.step()
-            bad = non_finite_parameter(policy)  # a finite step can still overflow a weight (a huge lr)
-            flag = torch.tensor([bad is not None], dtype=torch.float32, device=env.device)
-            if dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
+            bad = non_finite_parameter(policy, env)  # a finite step can still overflow a weight (a huge lr)
+            if bad is not None:
                 teardown_distributed()
-                raise SystemExit(f"stopping at step {step + 1}: its update made parameter {bad or '(on another rank)'} "
-                                 f"non-finite (--lr {cfg.lr}?); no checkpoint of it is written")
+                raise SystemExit(f"stopping at step {step + 1}: its update made parameter {bad} non-finite "
+                                 f"(--lr {cfg.lr}?); no checkpoint of it is written")
         bad_steps = 0 if finite else bad_steps + 1
         optimizer.zero_grad(set_to_none=True)
         # log: one line and one strict-JSON record a step (a non-finite value is written as null)
@@ -1144,11 +1145,12 @@ def train(cfg):
         rec = {"step": step + 1, **{k: vals[j].item() / cfg.global_batch for j, k in enumerate(keys)},
                "grad_norm": grad_norm.item(), "tokens_per_s": vals[-1].item() / dt,
                "peak_mem_gb": peak_memory_gb(env.device), "lr": lr, "time_s": dt}
-        rec = {k: v if not isinstance(v, float) or math.isfinite(v) and (finite or k in ("tokens_per_s", "lr", "time_s",
-                                                                               "peak_mem_gb")) else None
-               for k, v in rec.items()}  # a skipped step's metrics are null: they describe no update
+        # a skipped step's metrics are null (they describe no update), its bookkeeping stays
+        bookkeeping = ("tokens_per_s", "peak_mem_gb", "lr", "time_s")
+        rec = {k: None if isinstance(v, float) and not (math.isfinite(v) and (finite or k in bookkeeping)) else v
+               for k, v in rec.items()}
         rec["skipped"] = not finite
-        skipped_lines = sorted(data[i]["line"] for i in steps[step])
+        step_lines = sorted(data[i]["line"] for i in steps[step])
         if env.master:
             metrics_file.write(json.dumps(rec, allow_nan=False) + "\n")
             metrics_file.flush()
@@ -1156,14 +1158,14 @@ def train(cfg):
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                 if k not in ("step", "skipped"))
                 + ("" if finite else f" | SKIPPED: loss or gradient norm not finite (records at lines "
-                                     f"{skipped_lines} of {cfg.data})"))
+                                     f"{step_lines} of {cfg.data})"))
         if bad_steps >= cfg.max_bad_steps:
             if metrics_file:
                 metrics_file.close()
             teardown_distributed()
             raise SystemExit(f"stopping at step {step + 1}: {bad_steps} step(s) in a row with a non-finite loss or "
                              f"gradient norm, none applied (--max_bad_steps {cfg.max_bad_steps}); the last held "
-                             f"the records at lines {skipped_lines} of {cfg.data}")
+                             f"the records at lines {step_lines} of {cfg.data}")
         # save
         if (step + 1) % cfg.save_every == 0 or step + 1 == len(steps):
             save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype)

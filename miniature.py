@@ -20,7 +20,6 @@ Nothing in longpo.py, generate.py or eval.py imports this file.
 """
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 import longpo
 from eval import format_table, string_match_all
-from generate import FALLBACK_INSTRUCTION, POOL_PROMPT
+from generate import FALLBACK_INSTRUCTION, POOL_PROMPT, part_files, read_part
 
 
 # -----------------------------------------------------------------------------
@@ -414,13 +413,12 @@ def grade(data_path, corpus_path):
                 g["rejected_wrong"] += t["rejected"] != kv[k]
     g["gradable_rate"] = g["gradable"] / max(g["turns"], 1)
     g.update({f"{k}_rate": g[k] / max(g["gradable"], 1) for k in ("chosen_right", "rejected_wrong")})
-    dropped = {}
-    for part in sorted(glob.glob(data_path + ".parts/rank-*.jsonl")):
-        with open(part) as f:
-            for line in f:
-                for k, v in json.loads(line)["counts"].items():
-                    dropped[k] = dropped.get(k, 0) + v
-    g["generate_counts"] = dropped  # turns sampled, fallback instructions, each filter's drops
+    dropped = {}  # turns sampled, fallback instructions, each filter's drops: what generate.py's parts recorded
+    for part in part_files(data_path + ".parts"):
+        for line in read_part(part):
+            for k, v in line["counts"].items():
+                dropped[k] = dropped.get(k, 0) + v
+    g["generate_counts"] = dropped
     return g
 
 
@@ -601,7 +599,6 @@ def pictures(results, out):
         if name in results["models"]:
             ax.plot(lengths, [results["models"][name][str(L)] for L in lengths], marker="o", label=label,
                     ls="--" if name == "pi_s_theta" else "-")
-    W = results["window"]
     for tag, colour in (("r1", "tab:red"), ("r2", "tab:brown")):  # the document lengths each round trained at
         lo, hi = results["document_lengths"][tag]
         ax.axvspan(lo, hi, color=colour, alpha=0.08, lw=0)
