@@ -473,18 +473,55 @@ def resolve_tasks(tasks, own=()):
 
 
 def jsonl_objects(path):
-    """(where, object) for each non-blank line of a JSONL file, where = "path:line"; malformed JSON raises
-    ValueError naming path:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(where, object) for each non-blank line of a JSONL file, where = "path:line"; malformed JSON or text that
+    is not UTF-8 raises InputError naming path:line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise longpo.InputError(f"{where}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column "
+                                        f"{e.start + 1}") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
-                raise ValueError(f"{where}: malformed JSON: {e}") from None
+                raise longpo.InputError(f"{where}: malformed JSON: {e}") from None
             yield where, obj
+
+
+RENDERED = {"--task_file": ("user",), "--mc": ("question", "choices"),
+            "--short_data": ("document", "turns")}  # the fields of each input file that reach a prompt
+
+
+def check_rendered_text(inputs, tokenizers):
+    """Every string of an input file that reaches a prompt is valid Unicode and holds no special-token string of
+    any model's tokenizer (it would be read as the control token): else InputError naming file:line:field.
+    inputs: (flag, path) pairs; tokenizers: (model name, tokenizer) pairs."""
+    specials = [(name, longpo.special_token_strings(tok)) for name, tok in tokenizers]
+
+    def strings(x, where):  # (field name, string) of every string inside x
+        if isinstance(x, str):
+            yield where, x
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                yield from strings(v, f"{where}[{i}]")
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                yield from strings(v, f"{where}.{k}")
+
+    for flag, path in inputs:
+        for where, obj in jsonl_objects(path):
+            for key in RENDERED[flag]:
+                for field_name, text in strings(obj.get(key) if isinstance(obj, dict) else None, key):
+                    longpo.check_field(longpo.valid_text(text), where, field_name,
+                                       "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
+                    for name, sp in specials:
+                        hit = longpo.special_in(text, sp)
+                        longpo.check_field(not hit, where, field_name, f"holds the special token {hit!r} of model "
+                                           f"{name!r} as text")
 
 
 def read_task_file(path):
@@ -559,7 +596,7 @@ def read_mc(path):
                            f"expected a 0-based index into the {len(ch)} choices, got {a!r}")
         items.append(it)
     if not items:
-        raise ValueError(f"{path}: no items")
+        raise longpo.InputError(f"{path}: no items")
     return items
 
 
@@ -700,6 +737,12 @@ def main(cfg):
     models = resolve_models(cfg)
     mc_items = read_mc(cfg.mc) if cfg.mc else None
     pairs = read_pairs(cfg.short_data, cfg.short_n) if cfg.short_data else None
+    inputs = [(flag, path) for flag, path in (("--task_file", cfg.task_file), ("--mc", cfg.mc),
+                                              ("--short_data", cfg.short_data)) if path]
+    if inputs:  # tokenizers only: the models load one at a time below
+        from transformers import AutoTokenizer
+        check_rendered_text(inputs, [(name, AutoTokenizer.from_pretrained(path or longpo.default_model_dir()))
+                                     for name, path in models])
     if pairs is None:
         print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -755,4 +798,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(longpo.parse_config(EvalConfig, sys.argv[1:]))
+    longpo.run_script(lambda: main(longpo.parse_config(EvalConfig, sys.argv[1:])))

@@ -17,7 +17,9 @@ P sequence-parallel ranks, V vocabulary, n turns of a record, M (source, target)
 """
 
 import dataclasses
+import errno
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -525,9 +527,34 @@ def pack_record(tokenizer, record, branches=("chosen", "rejected")):
                 max_seq=max(len(s[0]) for s in seqs))
 
 
+class InputError(ValueError):
+    """A user's input is wrong; the message names file:line:field (or the flag). run_script prints it as one line."""
+
+
 def check_field(cond, where, field_name, msg):
     if not cond:
-        raise ValueError(f"{where}: field '{field_name}': {msg}")
+        raise InputError(f"{where}: field '{field_name}': {msg}")
+
+
+def run_script(main, *args):
+    """A script's entry point: a user's mistake (InputError, or SystemExit with a message) ends in one line on
+    stderr, printed once under torchrun (rank 0: every rank reaches the same decision), and exit status 2."""
+    try:
+        return main(*args)
+    except (InputError, SystemExit) as e:
+        msg = str(e) if isinstance(e, InputError) else e.code
+        if not isinstance(msg, str):  # sys.exit(0) and friends
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(msg, file=sys.stderr, flush=True)
+        teardown_distributed()
+        sys.exit(2)
+
+
+def short_repr(x, limit=60):
+    """repr(x) cut to limit characters: a 4,000-digit integer in a record is named, not printed."""
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -567,10 +594,10 @@ def validate_record(rec, where, need_ref=True):
         ch = t.get("chunk")
         check_field(isinstance(ch, list) and len(ch) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                    for x in ch), where, f + ".chunk",
-                    f"expected [start, end] character offsets, got {ch!r}")
-        check_field(ch[0] < ch[1], where, f + ".chunk", f"span {ch} is empty or reversed (start must be < end)")
+                    f"expected [start, end] character offsets, got {short_repr(ch)}")
+        check_field(ch[0] < ch[1], where, f + ".chunk", f"span {short_repr(ch)} is empty or reversed (start must be < end)")
         check_field(0 <= ch[0] and ch[1] <= len(doc), where, f + ".chunk",
-                    f"span {ch} lies outside the document (length {len(doc)})")
+                    f"span {short_repr(ch)} lies outside the document (length {len(doc)})")
         for key in ("instruction", "chosen", "rejected"):
             check_field(isinstance(t.get(key), str) and t[key].strip(), where, f"{f}.{key}",
                         "missing, empty or not a string")
@@ -583,16 +610,16 @@ def validate_record(rec, where, need_ref=True):
                             f"expected a finite number, got {str(t[key])[:40]}")
                 # the policy's log-probs are float32: -1e39 would become -inf there, and a reward inf - inf
                 check_field(abs(t[key]) <= FLOAT32_MAX, where, f"{f}.{key}",
-                            f"expected a number within float32's range (|x| <= 3.4e38), got {t[key]!r}")
+                            f"expected a number within float32's range (|x| <= 3.4e38), got {short_repr(t[key])}")
                 # a log-probability is <= 0: a positive value is a stored NLL or a sign error
-                check_field(t[key] <= 0, where, f"{f}.{key}", f"a log-probability must be <= 0, got {t[key]!r}")
+                check_field(t[key] <= 0, where, f"{f}.{key}", f"a log-probability must be <= 0, got {short_repr(t[key])}")
 
 
 def _parse_line(path, lineno, line, need_ref):
     try:
         rec = json.loads(line)
     except ValueError as e:  # JSONDecodeError, and integers past Python's digit limit
-        raise ValueError(f"{path}:{lineno}: malformed JSON: {e}") from None
+        raise InputError(f"{path}:{lineno}: malformed JSON: {e}") from None
     validate_record(rec, f"{path}:{lineno}", need_ref)
     rec["_line"] = lineno
     return rec
@@ -611,7 +638,7 @@ def index_lines(path):
                 out.append((offset, lineno))
             offset += len(line)
     if not out:
-        raise ValueError(f"{path}: no records")
+        raise InputError(f"{path}: no records")
     return out
 
 
@@ -622,7 +649,7 @@ def read_record_at(path, offset, lineno, need_ref=True):
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
+        raise InputError(f"{path}:{lineno}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
     return _parse_line(path, lineno, line, need_ref)
 
 
@@ -787,6 +814,46 @@ def checkpoints(out):
     return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")))
 
 
+def file_fingerprint(path):
+    """sha256 of a file's bytes: a resumed run compares contents, not paths (the same file by another path is
+    the same data; a file rewritten in place is not)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lock_dir(out):
+    """Take out/.lock, or return the refusal. The lock is an flock on a file holding the holder's pid: the kernel
+    drops it when the process dies, so a lock left by a killed run is taken over (with a message). Returns
+    (open lock file or None, message or None)."""
+    import fcntl
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, ".lock")
+    f = open(path, "a+")
+    f.seek(0)
+    holder = f.read().strip()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None, (f"--out {out} is in use by another run (pid {holder or '?'} holds {path}); wait for it "
+                      "to end, or choose another --out")
+    f.seek(0)
+    holder = f.read().strip()  # re-read under the lock: the previous holder may have ended since
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, (f"taking over {path}: its holder (pid {holder}) is gone" if holder else None)
+
+
+def unlock_dir(lock):
+    if lock is not None:
+        lock.truncate(0)  # an empty lock file is a free one; the flock goes with the close
+        lock.close()
+
+
 def non_finite_parameter(model, env=None):
     """The name of the first parameter holding a NaN or an infinity, or None. Under FSDP2 each rank checks its own
     shards; with env, the ranks agree (a collective: every rank must call it), and a rank whose own shards are
@@ -804,17 +871,34 @@ def non_finite_parameter(model, env=None):
     return bad
 
 
-def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
+def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256):
     """out/step-NNNNNN/: a HF model directory (loads with from_pretrained alone), the resolved config, and
     train_state/ (sharded model + optimizer, torch.distributed.checkpoint) for --resume. Written to a temporary
     directory and renamed, so a crash never leaves a half-written checkpoint behind."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
     bad = non_finite_parameter(policy, env)  # every rank must agree before anything is written
     if bad is not None:
         raise SystemExit(f"not saving step {step}: parameter {bad} holds non-finite values")
-    final = os.path.join(cfg.out, f"step-{step:06d}")
     tmp = os.path.join(cfg.out, f".tmp-step-{step:06d}")
+    try:
+        _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, tmp)
+    except (Exception, dcp.api.CheckpointException) as e:  # (a BaseException) a full disk reads "unexpected pos
+        # 704 vs 598" there, naming nothing: the free space says what happened
+        free = shutil.disk_usage(cfg.out).free
+        if env.master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if free >= 64 * 2**20 and getattr(e, "errno", None) != errno.ENOSPC:
+            raise
+        raise SystemExit(f"saving step {step} failed: the disk under --out {cfg.out} is full ({free / 2**20:.0f} MiB "
+                         f"free); earlier checkpoints are intact: free some space and pass --resume") from None
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, tmp):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    final = os.path.join(cfg.out, f"step-{step:06d}")
     if env.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -831,23 +915,30 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype):
         config.use_cache = False
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "longpo_config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "step": step}, f, indent=1)
+            json.dump({**dataclasses.asdict(cfg), "step": step, "data_sha256": data_sha256}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         print0(f"saved {final}")
-    if dist.is_initialized():
-        dist.barrier()
 
 
-RESUME_FIELDS = ("data", "model", "max_len", "rope_theta", "loss", "turn_agg", "sft_target", "beta", "lam",
+RESUME_FIELDS = ("max_len", "rope_theta", "loss", "turn_agg", "sft_target", "beta", "lam",
                  "nll_weight", "global_batch", "epochs", "seed", "too_long", "optimizer", "lr", "weight_decay",
-                 "warmup_steps", "grad_clip", "dtype")  # what fixes the data order, the objective and the update
+                 "warmup_steps", "grad_clip", "dtype")  # with the data and the model: what fixes the data order,
+                                                        # the objective and the update
 
 
-def check_resumable(cfg, path):
+def check_resumable(cfg, path, data_sha256):
+    """Refuses a --resume whose settings differ from the checkpoint's. The data is compared by content (its
+    sha256), the model by resolved path."""
     with open(os.path.join(path, "longpo_config.json")) as f:
         saved = json.load(f)
     diff = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    if saved.get("data_sha256", data_sha256) != data_sha256:
+        diff.insert(0, f"--data {cfg.data}: its contents changed (sha256 {saved['data_sha256'][:12]}... -> "
+                       f"{data_sha256[:12]}...)")
+    resolved = [os.path.realpath(m) if m else "" for m in (saved.get("model"), cfg.model)]
+    if resolved[0] != resolved[1]:
+        diff.insert(0, f"--model {saved.get('model')!r} -> {cfg.model!r}")
     if diff:
         raise SystemExit(f"--resume from {path}: the run was started with other settings: {'; '.join(diff)}")
 
@@ -914,7 +1005,7 @@ def load_example(cfg, tokenizer, entry, branches=None):
     try:
         return rec, pack_record(tokenizer, rec, branches or _branches(cfg))
     except ValueError as e:
-        raise ValueError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
+        raise InputError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
 
 
 def special_field(rec, tokenizer):
@@ -947,13 +1038,13 @@ def prepare_data(cfg, tokenizer, env=None):
         dist.all_gather_object(parts, (mine, error))
     errors = sorted(e for _, e in parts if e is not None)
     if errors:
-        raise ValueError(errors[0][1])
+        raise InputError(errors[0][1])
     entries = sorted((e for m, _ in parts for e in m), key=lambda e: e["line"])
     kept = [e for e in entries if e["tokens"] <= cfg.max_len]
     skipped = [e["line"] for e in entries if e["tokens"] > cfg.max_len]
     if skipped and cfg.too_long == "error":
         e = next(e for e in entries if e["tokens"] > cfg.max_len)
-        raise ValueError(f"{cfg.data}:{e['line']}: field 'document': the long sequence has {e['tokens']} tokens, "
+        raise InputError(f"{cfg.data}:{e['line']}: field 'document': the long sequence has {e['tokens']} tokens, "
                          f"over --max_len {cfg.max_len}")
     if skipped:
         print0(f"skipped {len(skipped)} record(s) longer than --max_len {cfg.max_len} tokens "
@@ -982,6 +1073,8 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     if resume and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    if resume:  # the caller has not loaded the checkpoint yet: the policy still holds --model's weights
+        print0(f"--resume: {path} is missing; recomputing DPO's reference from --model's initial weights")
     mine = {}
     # every dp group makes the same number of forwards (each one all-gathers FSDP shards over the whole
     # world); a group past the end repeats its last record and discards the result
@@ -1042,12 +1135,28 @@ def train(cfg):
             raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
     if cfg.global_batch % env.dp:
         raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of dp = {env.dp}")
-    accum = cfg.global_batch // env.dp
-    print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {accum} record(s) per rank per step; "
+    print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {cfg.global_batch // env.dp} record(s) per rank per step; "
            f"flash-attn: {flash_attn_func is not None}")
     print0(json.dumps(dataclasses.asdict(cfg)))
     if not creatable_dir(cfg.out):
         raise SystemExit(f"--out {cfg.out}: a file (or under one), expected a directory for checkpoints and metrics")
+    # one run at a time into --out: rank 0 takes the lock, every rank stops on its refusal
+    lock, note = lock_dir(cfg.out) if env.master else (None, None)
+    refused = torch.tensor([float(env.master and lock is None)], device=env.device)  # (1,)
+    if dist.is_initialized():
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)  # (1,): 1 when rank 0 could not take the lock
+    if refused.item():
+        raise SystemExit(note or f"--out {cfg.out} is in use by another run")
+    if note:
+        print0(note)
+    try:
+        _train(cfg, env)
+    finally:
+        unlock_dir(lock)
+
+
+def _train(cfg, env):
+    accum = cfg.global_batch // env.dp
     found = checkpoints(cfg.out)
     if cfg.resume and not found:
         print0(f"--resume: no checkpoint in {cfg.out}; starting from step 0")
@@ -1064,13 +1173,8 @@ def train(cfg):
     from transformers import AutoConfig
     save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
-    try:
-        data = prepare_data(cfg, tokenizer, env)
-    except ValueError as e:  # a data error names file:line:field; one line on rank 0, exit status 2 on every rank
-        if env.master:
-            print(str(e), file=sys.stderr, flush=True)
-        teardown_distributed()
-        sys.exit(2)
+    data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
+    data_sha256 = file_fingerprint(cfg.data)
     warning = writer_mismatch(cfg, data[0])
     if warning:
         print0(warning)
@@ -1092,15 +1196,17 @@ def train(cfg):
         for tmp in glob.glob(os.path.join(cfg.out, ".tmp-step-*")):  # a checkpoint a crash left half-written
             print0(f"removing {tmp}: a checkpoint left unfinished by an earlier run")
             shutil.rmtree(tmp, ignore_errors=True)
+    if found:
+        check_resumable(cfg, found[-1], data_sha256)
+    # DPO's reference is the initial policy's: computed (or read back) before a resumed run loads its weights
+    ref = dpo_reference(cfg, env, policy, tokenizer, data, bool(found)) if cfg.loss == "dpo" else None
     start = 0
     if found:  # --resume (a run without it stopped above)
-        check_resumable(cfg, found[-1])
         start = load_train_state(found[-1], policy, optimizer)
         print0(f"resumed from {found[-1]} at step {start}")
         if start >= len(steps):
             print0(f"--resume: {found[-1]} is at step {start} and the schedule has {len(steps)} steps: nothing "
                    "left to train (raise --epochs or --max_steps to go on)")
-    ref = dpo_reference(cfg, env, policy, tokenizer, data, start > 0) if cfg.loss == "dpo" else None
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from
         with open(metrics_path) as f:
@@ -1110,7 +1216,7 @@ def train(cfg):
         os.replace(metrics_path + ".tmp", metrics_path)
     metrics_file = open(metrics_path, "a") if env.master else None
 
-    bad_steps = 0
+    bad_steps, skipped_steps = 0, []
     for step in range(start, len(steps)):
         t0 = time.time()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -1139,6 +1245,7 @@ def train(cfg):
                 raise SystemExit(f"stopping at step {step + 1}: its update made parameter {bad} non-finite "
                                  f"(--lr {cfg.lr}?); no checkpoint of it is written")
         bad_steps = 0 if finite else bad_steps + 1
+        skipped_steps += [] if finite else [step + 1]
         optimizer.zero_grad(set_to_none=True)
         # log: one line and one strict-JSON record a step (a non-finite value is written as null)
         dt = time.time() - t0
@@ -1168,11 +1275,14 @@ def train(cfg):
                              f"the records at lines {step_lines} of {cfg.data}")
         # save
         if (step + 1) % cfg.save_every == 0 or step + 1 == len(steps):
-            save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype)
+            save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype, data_sha256)
     if metrics_file:
         metrics_file.close()
+    if skipped_steps:
+        print0(f"{len(skipped_steps)} step(s) skipped for a non-finite loss or gradient norm: {skipped_steps[:20]}"
+               + (" ..." if len(skipped_steps) > 20 else ""))
     teardown_distributed()
 
 
 if __name__ == "__main__":
-    train(parse_config(Config, sys.argv[1:]))
+    run_script(lambda: train(parse_config(Config, sys.argv[1:])))

@@ -530,6 +530,79 @@ def test_sft_and_dpo_run(tiny, tmp_path):
     assert abs(m["reward_chosen"]) < 1e-5 and abs(m["reward_margin"]) < 1e-5
 
 
+def test_dpo_resume_without_its_reference_recomputes_it_from_the_initial_weights(tiny, tmp_path):
+    """dpo_reference.json lost between a crash and --resume: the reference is recomputed from --model's weights
+    (before the checkpoint loads), equal to the file the first run wrote, not from the trained weights."""
+    out = tmp_path / "dpo"
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(open(tiny / "data.jsonl").readlines()[:3]))
+    args = train_args(tiny, out, "--loss", "dpo", "--save_every", 1, "--sp", 1)
+    args[args.index("--data") + 1] = three
+    p = subprocess.run([sys.executable, *map(str, args), "--max_steps", "1"], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = json.load(open(out / "dpo_reference.json"))
+    os.remove(out / "dpo_reference.json")
+    p = subprocess.run([sys.executable, *map(str, args), "--resume"], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "dpo_reference.json is missing; recomputing DPO's reference from --model's initial weights" in p.stdout
+    assert "resumed from" in p.stdout and json.load(open(out / "dpo_reference.json")) == first
+
+
+def test_one_run_at_a_time_into_out(tiny, tmp_path):
+    """A second run into an --out in use is refused in one line naming the holder; a lock left by a dead process
+    (a pid in the file, no flock held) is taken over with a message."""
+    out = tmp_path / "out"
+    lock, note = longpo.lock_dir(str(out))
+    assert lock is not None and note is None and open(out / ".lock").read() == f"{os.getpid()}\n"
+    p = subprocess.run([sys.executable, *map(str, train_args(tiny, out, "--max_steps", 1))], capture_output=True,
+                       text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f"--out {out} is in use by another run (pid {os.getpid()} holds "
+                                                 f"{out / '.lock'}); wait for it to end, or choose another --out")
+    assert longpo.lock_dir(str(out)) == (None, p.stderr.strip().splitlines()[-1])  # the same refusal in-process
+    longpo.unlock_dir(lock)
+    assert open(out / ".lock").read() == ""  # released: free, no stale pid
+    (out / ".lock").write_text("4194999\n")  # a killed run's pid, no flock held
+    lock, note = longpo.lock_dir(str(out))
+    assert lock is not None and note == f"taking over {out / '.lock'}: its holder (pid 4194999) is gone"
+    longpo.unlock_dir(lock)
+
+
+def test_disk_full_while_saving_says_so(tiny, tmp_path, monkeypatch):
+    """torch reports a full disk in a checkpoint write as "unexpected pos ..." (a CheckpointException, a
+    BaseException): the run says the disk under --out is full, removes the half-written directory, exit 2.
+    For real on a 600 KiB tmpfs where this machine may mount one; in-process with a faked full disk always."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    model, tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")
+    policy = longpo.TokenLogps(model, 64)
+    env = longpo.SimpleNamespace(master=True, device=torch.device("cpu"))
+    cfg = longpo.Config(out=str(tmp_path / "o"))
+    os.makedirs(cfg.out)
+
+    def full_disk(*args):
+        os.makedirs(args[-1], exist_ok=True)
+        raise CheckpointException("ranks:dict_keys([0])", {0: RuntimeError("unexpected pos 704 vs 598")})
+    monkeypatch.setattr(longpo, "_write_checkpoint", full_disk)
+    monkeypatch.setattr(longpo.shutil, "disk_usage", lambda p: longpo.SimpleNamespace(free=4096))
+    with pytest.raises(SystemExit, match=f"saving step 3 failed: the disk under --out {cfg.out} is full"):
+        longpo.save_checkpoint(cfg, env, policy, None, tok, 3, torch.float32, "ab")
+    assert os.listdir(cfg.out) == []
+    monkeypatch.undo()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        return  # no permission to mount here: the in-process case above stands
+    try:
+        p = subprocess.run([sys.executable, *map(str, train_args(tiny, mnt / "out", "--save_every", 1))],
+                           capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.strip().splitlines()[-1].startswith(f"saving step 1 failed: the disk under --out "
+                                                            f"{mnt / 'out'} is full")
+        assert not [f for f in os.listdir(mnt / "out") if f.startswith((".tmp", "step"))]
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
 # -----------------------------------------------------------------------------
 # configuration, model loading, bad input
 
@@ -560,10 +633,16 @@ def test_schedule_and_resume_settings(tmp_path):
     ckpt = tmp_path / "step-000002"
     ckpt.mkdir()
     (ckpt / "longpo_config.json").write_text(json.dumps({**dataclasses.asdict(longpo.Config(lr=5e-7)), "step": 2}))
-    longpo.check_resumable(longpo.Config(lr=5e-7, max_steps=10, save_every=3), str(ckpt))  # free to change
+    longpo.check_resumable(longpo.Config(lr=5e-7, max_steps=10, save_every=3), str(ckpt), "ab")  # free to change
     for flag, value in (("beta", 0.01), ("lam", 1.0), ("lr", 1e-6), ("grad_clip", 0.0)):
         with pytest.raises(SystemExit, match=f"--{flag} "):
-            longpo.check_resumable(longpo.Config(**{"lr": 5e-7, flag: value}), str(ckpt))
+            longpo.check_resumable(longpo.Config(**{"lr": 5e-7, flag: value}), str(ckpt), "ab")
+    # the data by content: the same bytes by another path resume, changed bytes at the same path do not
+    (ckpt / "longpo_config.json").write_text(json.dumps({**dataclasses.asdict(longpo.Config(lr=5e-7)), "step": 2,
+                                                         "data_sha256": "ab" * 32}))
+    longpo.check_resumable(longpo.Config(lr=5e-7, data="elsewhere.jsonl"), str(ckpt), "ab" * 32)
+    with pytest.raises(SystemExit, match="--data data/longpo.jsonl: its contents changed"):
+        longpo.check_resumable(longpo.Config(lr=5e-7), str(ckpt), "cd" * 32)
     # data written by another model than the one trained: warned (the references must be πS's)
     rec = {"id": "a", "document": "some text", "turns": [{"chunk": [0, 4], "instruction": "what", "chosen": "x",
            "rejected": "y", "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}], "meta": {"model": "/ckpt/A"}}
@@ -1496,7 +1575,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny, tmp_path):
     args = train_args(tiny, out, "--save_every", 1, "--max_bad_steps", 1)
     args[args.index("--lr") + 1] = 1e30
     p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert p.returncode == 1 and "stopping at step 2: 1 step(s) in a row with a non-finite loss" in p.stderr
+    assert p.returncode == 2 and "stopping at step 2: 1 step(s) in a row with a non-finite loss" in p.stderr
     step2 = sorted(i + 1 for i in longpo.schedule(6, longpo.Config(global_batch=2, epochs=2), 1)[1])  # its lines
     assert f"the last held the records at lines {step2} of {tiny / 'data.jsonl'}" in p.stderr
     lines = open(out / "metrics.jsonl").read().splitlines()
@@ -1531,13 +1610,13 @@ def test_bad_inputs_end_in_one_line(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*special token.*\(field 'turns\[0\].chosen'\)"):
         longpo.prepare_data(longpo.Config(data=path, max_len=4096), tok)
     cases = [(["--data", str(bad_utf8)], "utf8.jsonl:2: not UTF-8 text", 2),
-             (["--data", str(tmp_path)], "a directory, expected a JSONL file", 1),
-             (["--out", str(bad_utf8)], "a file (or under one), expected a directory", 1),
-             (["--sp", "-1"], "--sp -1: must be 0", 1),
-             (["--out", str(bad_utf8 / "sub")], "a file (or under one)", 1),
-             (["--rope_theta", "-1"], "--rope_theta -1.0 is out of range", 1),
-             (["--weight_decay", "-1"], "--weight_decay -1.0 is out of range", 1),
-             (["--lr", "inf"], "--lr takes a finite number", 1)]
+             (["--data", str(tmp_path)], "a directory, expected a JSONL file", 2),
+             (["--out", str(bad_utf8)], "a file (or under one), expected a directory", 2),
+             (["--sp", "-1"], "--sp -1: must be 0", 2),
+             (["--out", str(bad_utf8 / "sub")], "a file (or under one)", 2),
+             (["--rope_theta", "-1"], "--rope_theta -1.0 is out of range", 2),
+             (["--weight_decay", "-1"], "--weight_decay -1.0 is out of range", 2),
+             (["--lr", "inf"], "--lr takes a finite number", 2)]
     for extra, message, status in cases:
         args = train_args(tiny, tmp_path / "out", "--max_steps", 1)
         for k in range(0, len(extra), 2):
@@ -1598,5 +1677,5 @@ def test_update_that_overflows_a_weight_stops_at_once(tiny, tmp_path):
     args = train_args(tiny, out, "--optimizer", "rmsprop", "--save_every", 1)
     args[args.index("--lr") + 1] = 3e38
     p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
-    assert p.returncode == 1 and "stopping at step 1: its update made parameter" in p.stderr and "--lr 3e+38" in p.stderr
+    assert p.returncode == 2 and "stopping at step 1: its update made parameter" in p.stderr and "--lr 3e+38" in p.stderr
     assert longpo.checkpoints(str(out)) == []
