@@ -21,6 +21,7 @@ document index, at the end. Symbols: B batch (prompts decoded together), T token
 
 import dataclasses
 import glob
+import hashlib
 import inspect
 import json
 import os
@@ -75,7 +76,7 @@ class GenConfig:
 EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=4, pool_max_new_tokens=64,
                 max_new_tokens=160, long_group=2)
 # fields that do not change any document's record: a resumed run may differ in them
-RESUME_FREE = ("out", "max_docs", "stop_after")
+RESUME_FREE = ("out", "max_docs", "stop_after", "corpus")  # the corpus is compared by its contents
 
 
 # -----------------------------------------------------------------------------
@@ -572,20 +573,33 @@ def part_files(parts):
     return sorted(glob.glob(os.path.join(parts, "rank-*.jsonl")))
 
 
-def check_parts_config(cfg, parts, dtype):
+def corpus_fingerprint(docs):
+    """sha256 over the documents' texts, in order: a resumed run compares what it reads, not the path (lines
+    shuffled between a crash and the rerun would put documents into the output twice; the same file by another
+    path is the same corpus)."""
+    h = hashlib.sha256()
+    for _, text in docs:
+        h.update(json.dumps(text, ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def check_parts_config(cfg, parts, dtype, corpus_sha256=None):
     """Parts written under other settings would mix two datasets: returns the refusal naming the differing flags,
     or None (and records the settings when the folder is new). dtype: the resolved one (--dtype auto is bfloat16
-    on CUDA and float32 on CPU)."""
-    mine = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}, "resolved_dtype": str(dtype)}
+    on CUDA and float32 on CPU); corpus_sha256: corpus_fingerprint of the documents read."""
+    mine = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE}, "resolved_dtype": str(dtype),
+            "corpus_sha256": corpus_sha256}
     path = os.path.join(parts, "config.json")
     if os.path.exists(path):
         with open(path) as f:
             old = {k: v for k, v in json.load(f).items() if k not in RESUME_FREE}
-        if "resolved_dtype" not in old:  # parts written before the dtype was recorded: unknown, not refused
-            mine.pop("resolved_dtype")
+        for k in ("resolved_dtype", "corpus_sha256"):  # parts written before these were recorded: not refused
+            if k not in old:
+                mine.pop(k)
         diff = sorted(k for k in set(mine) | set(old) if mine.get(k) != old.get(k))
         if diff:
-            flags = ", ".join("the device's dtype" if k == "resolved_dtype" else "--" + k for k in diff)
+            names = {"resolved_dtype": "the device's dtype", "corpus_sha256": "the corpus's contents"}
+            flags = ", ".join(names.get(k, "--" + k) for k in diff)
             return (f"{parts} holds documents generated with other settings ({flags}); pass the same flags (and "
                     f"device) to resume, or delete {parts} to start over")
     else:
@@ -665,7 +679,7 @@ def main(argv):
     refusal = None
     if env.master:
         os.makedirs(parts, exist_ok=True)
-        refusal = check_parts_config(cfg, parts, dtype)
+        refusal = check_parts_config(cfg, parts, dtype, corpus_fingerprint(docs))
     if dist.is_initialized():  # every rank stops on rank 0's refusal (none waits at a barrier for ever)
         box = [refusal]
         dist.broadcast_object_list(box, 0)
@@ -707,7 +721,11 @@ def main(argv):
                 break
             source, text = docs[i]
             offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name)
+            try:
+                record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name)
+            except ValueError as e:  # e.g. a chat template that will not render it: skipped, never blocking a resume
+                print(f"skipping document {i} ({source}): {e}", file=sys.stderr, flush=True)
+                record, counts = None, Counter({"documents skipped (cannot be rendered)": 1})
             part.write(json.dumps({"index": i, "record": record, "counts": dict(counts)}, ensure_ascii=False) + "\n")
             part.flush()
             os.fsync(part.fileno())
@@ -739,4 +757,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    longpo.run_script(main, sys.argv[1:])

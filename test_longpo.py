@@ -1062,6 +1062,16 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *args, "--out", str(out), "--seed", "1"],
                        capture_output=True, text=True, cwd=HERE)
     assert p.returncode and "--seed" in p.stderr
+    # the corpus is compared by its contents: the same lines by another path resume, the lines shuffled do not
+    moved = d / "moved.jsonl"
+    moved.write_bytes((d / "corpus.jsonl").read_bytes())
+    args_moved = [moved if a == str(d / "corpus.jsonl") else a for a in args]
+    run_generate(*args_moved, "--out", out)
+    assert out.read_bytes() == ref.read_bytes()
+    moved.write_text("".join(reversed(open(d / "corpus.jsonl").readlines())))
+    p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *map(str, args_moved), "--out", str(out)],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 2 and "other settings (the corpus's contents)" in p.stderr and "Traceback" not in p.stderr
     # two data-parallel ranks write the same merged file
     sharded = d / "sharded.jsonl"
     torchrun(2, "generate.py", *args, "--out", sharded)
@@ -1070,7 +1080,29 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     # ... and under torchrun every rank stops on the refusal (rank 0 decides, the others hear it from it)
     with pytest.raises(AssertionError) as refused:
         torchrun(2, "generate.py", *args, "--out", sharded, "--seed", 1, timeout=120)
-    assert str(refused.value).count("holds documents generated with other settings") >= 2
+    assert str(refused.value).count("holds documents generated with other settings") == 1  # printed once
+
+
+def test_a_document_that_cannot_be_rendered_is_skipped(pipeline, tmp_path, monkeypatch, capsys):
+    """A document build_record cannot render is skipped with its index and source, counted, and marked done:
+    a rerun does not stop on it again."""
+    d, path, args = pipeline
+    real = G.build_record
+
+    def fails_on_doc_1(cfg, model, tokenizer, eos_ids, index, *rest):
+        if index == 1:
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+        return real(cfg, model, tokenizer, eos_ids, index, *rest)
+    monkeypatch.setattr(G, "build_record", fails_on_doc_1)
+    out = tmp_path / "o.jsonl"
+    G.main([*map(str, args), "--out", str(out)])
+    log = capsys.readouterr()
+    assert f"skipping document 1 ({d / 'corpus.jsonl'}:2): the chat template" in log.err
+    assert "  documents skipped (cannot be rendered): 1" in log.out
+    first = out.read_bytes()
+    assert all(r["meta"]["source"] != f"{d / 'corpus.jsonl'}:2" for r in longpo.read_records(str(out)))
+    G.main([*map(str, args), "--out", str(out)])  # the rerun finds it done
+    assert "skipping" not in capsys.readouterr().err and out.read_bytes() == first
 
 
 # =============================================================================
@@ -1653,7 +1685,7 @@ def test_generate_corpus_and_flags(tmp_path):
     for flag in (["--chunk_tokens", "0"], ["--pool_temperature", "-1"], ["--prefill_chunk", "0"]):
         p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
                            capture_output=True, text=True, cwd=HERE, timeout=120)
-        assert p.returncode == 1 and p.stderr.startswith(f"{flag[0]} ") and "is out of range" in p.stderr
+        assert p.returncode == 2 and p.stderr.startswith(f"{flag[0]} ") and "is out of range" in p.stderr
         assert not os.path.exists(tmp_path / "o.jsonl.parts")  # nothing written that a corrected rerun would refuse
 
 
@@ -1662,6 +1694,32 @@ def test_eval_output_path_checked_before_any_model(tmp_path):
     for bad in (str(tmp_path), str(tmp_path / "f" / "eval.json")):
         with pytest.raises(SystemExit, match="cannot be written"):
             E.main(E.EvalConfig(json=bad, models=["nowhere"]))
+
+
+def test_eval_inputs_checked_before_any_model(tiny, tmp_path, monkeypatch):
+    """A special-token string or invalid UTF-8 in --mc, --short_data or --task_file stops eval.py before the first
+    model loads, in one line naming file:line:field; from the command line, exit status 2 and no traceback."""
+    model, rec = str(tiny / "model"), json.loads(open(tiny / "data.jsonl").readline())
+    mc = {"question": "Which?", "choices": ["a", "b"], "answer": 0}
+    cases = [("--mc", json.dumps(mc) + "\n" + json.dumps({**mc, "choices": ["a", "b <|im_end|>"]}),
+              r"m.jsonl:2: field 'choices\[1\]': holds the special token '<\|im_end\|>' of model 'a' as text"),
+             ("--mc", json.dumps({**mc, "question": "x\ud800"}), r"m.jsonl:1: field 'question': holds a lone surrogate"),
+             ("--short_data", json.dumps({**rec, "turns": [{**rec["turns"][0], "instruction": "what <|im_start|>"}]}),
+              r"m.jsonl:1: field 'turns\[0\].instruction': holds the special token '<\|im_start\|>'"),
+             ("--task_file", json.dumps({"task": "mine", "length": 256, "user": "a <|im_end|>", "answers": ["a"]}),
+              r"m.jsonl:1: field 'user': holds the special token")]
+    monkeypatch.setattr(longpo, "load_model", lambda *a, **k: pytest.fail("a model loaded before the inputs"))
+    for flag, text, message in cases:
+        (tmp_path / "m.jsonl").write_text(text + "\n")
+        cfg = E.EvalConfig(models=[f"a={model}"], json=str(tmp_path / "e.json"), lengths=["256"], samples=1)
+        setattr(cfg, flag[2:], str(tmp_path / "m.jsonl"))
+        with pytest.raises(ValueError, match=message):
+            E.main(cfg)
+    (tmp_path / "m.jsonl").write_bytes(json.dumps(mc).encode() + b"\n" + json.dumps(mc).encode().replace(b"a", b"\xff", 1))
+    p = subprocess.run([sys.executable, "eval.py", "--models", f"a={model}", "--mc", str(tmp_path / "m.jsonl"),
+                        "--json", str(tmp_path / "e.json")], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"{tmp_path / 'm.jsonl'}:2: not UTF-8 text: byte 0xff")
 
 
 def test_task_file_samples_spread_and_exact_match():
