@@ -68,7 +68,10 @@ class Config:
     optimizer: str = "adam"  # adam (paper §4.1) | rmsprop (the released recipe)
     lr: float = 0.0  # learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3)
     weight_decay: float = 0.0  # the paper's Adam has none
-    warmup_steps: int = 0  # linear warm-up, then constant (the paper states no schedule)
+    lr_schedule: str = "constant"  # after the warm-up: constant (the paper states no schedule) | cosine to 0
+                                   # over the run's steps (the released recipe, with --warmup_ratio 0.1)
+    warmup_steps: int = 0  # linear warm-up steps (the paper states none)
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the run's steps, where --warmup_steps is 0
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     global_batch: int = 8  # records per optimizer step (paper: 8), reached by gradient accumulation
     epochs: int = 1  # passes over the data
@@ -923,7 +926,7 @@ def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, 
 
 RESUME_FIELDS = ("max_len", "rope_theta", "loss", "turn_agg", "sft_target", "beta", "lam",
                  "nll_weight", "global_batch", "epochs", "seed", "too_long", "optimizer", "lr", "weight_decay",
-                 "warmup_steps", "grad_clip", "dtype")  # with the data and the model: what fixes the data order,
+                 "lr_schedule", "warmup_steps", "warmup_ratio", "grad_clip", "dtype")  # with the data and the model: what fixes the data order,
                                                         # the objective and the update
 
 
@@ -986,6 +989,17 @@ def schedule(num_records, cfg, dp):
         random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
         steps += [perm[i:i + cfg.global_batch] for i in range(0, num_records - cfg.global_batch + 1, cfg.global_batch)]
     return steps[:cfg.max_steps] if cfg.max_steps >= 0 else steps
+
+
+def learning_rate(cfg, step, total):
+    """The lr of optimizer step `step` (0-based) of `total`: a linear warm-up over --warmup_steps (else
+    --warmup_ratio of the steps), from lr / warm at the first step to lr, then constant or a cosine to 0."""
+    warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def peak_memory_gb(device):
@@ -1121,13 +1135,14 @@ def train(cfg):
         cfg.lr = 2e-5 if cfg.loss == "sft" else 5e-7  # the paper's: §4.1 for LongPO and DPO, B.3 for SFT
     for name, allowed in (("loss", ("longpo", "dpo", "sft")), ("turn_agg", ("eq13", "sum")),
                           ("sft_target", ("chosen", "rejected")), ("optimizer", ("adam", "rmsprop")),
-                          ("too_long", ("skip", "error"))):
+                          ("too_long", ("skip", "error")), ("lr_schedule", ("constant", "cosine"))):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     for name, ok in (("beta", cfg.beta > 0), ("lam", cfg.lam >= 0), ("nll_weight", cfg.nll_weight >= 0),
                      ("lr", cfg.lr > 0), ("global_batch", cfg.global_batch >= 1), ("epochs", cfg.epochs >= 1),
                      ("save_every", cfg.save_every >= 1), ("logp_chunk", cfg.logp_chunk >= 1),
                      ("max_len", cfg.max_len >= 2), ("warmup_steps", cfg.warmup_steps >= 0),
+                     ("warmup_ratio", 0 <= cfg.warmup_ratio <= 1),
                      ("max_bad_steps", cfg.max_bad_steps >= 1), ("weight_decay", cfg.weight_decay >= 0),
                      ("rope_theta", cfg.rope_theta == 0 or cfg.rope_theta > 1),
                      ("grad_clip", cfg.grad_clip >= 0)):
@@ -1219,7 +1234,7 @@ def _train(cfg, env):
     bad_steps, skipped_steps = 0, []
     for step in range(start, len(steps)):
         t0 = time.time()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = learning_rate(cfg, step, len(steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
         # batch, forward, loss, backward

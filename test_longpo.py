@@ -624,6 +624,19 @@ def test_config_flags(monkeypatch):
         longpo.setup_distributed(3)
 
 
+def test_learning_rate_schedules_by_hand():
+    """constant and cosine after a linear warm-up, against values worked out by hand: lr 1e-4, 20 steps, the
+    released recipe's 10% warm-up = 2 steps (lr/2, lr), then 0.5 (1 + cos(pi (s - 2) / 18))."""
+    lr = lambda s, **k: longpo.learning_rate(longpo.Config(lr=1e-4, **k), s, 20)
+    assert [lr(s) for s in (0, 7, 19)] == [1e-4] * 3
+    assert [lr(s, warmup_steps=4) for s in (0, 1, 3, 4, 19)] == pytest.approx([2.5e-5, 5e-5, 1e-4, 1e-4, 1e-4])
+    cos = dict(lr_schedule="cosine", warmup_ratio=0.1)
+    assert [lr(s, **cos) for s in (0, 1, 2, 11, 19)] == pytest.approx(
+        [5e-5, 1e-4, 1e-4, 0.5e-4, 1e-4 * 0.5 * (1 + math.cos(math.pi * 17 / 18))], rel=1e-12)
+    assert lr(19, **cos) == pytest.approx(7.5961235e-7, rel=1e-6)  # 0.5 (1 + cos(170 deg)) = 0.0075961235
+    assert lr(4, lr_schedule="cosine", warmup_steps=4) == pytest.approx(1e-4)  # the steps win over the ratio
+
+
 def test_schedule_and_resume_settings(tmp_path):
     # 5 records, batches of 2, 3 epochs: 2 steps an epoch, none straddling two epochs (no record twice in a step)
     steps = longpo.schedule(5, longpo.Config(global_batch=2, epochs=3), 1)
