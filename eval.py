@@ -45,6 +45,7 @@ Symbols: T tokens, V vocabulary, d hidden size, K option tokens, R response toke
 """
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -162,7 +163,7 @@ def weave(sentences, needles):
 # -----------------------------------------------------------------------------
 # the tasks: each returns build(k) -> (user message, answers, depths, options, answer index); k sizes the haystack
 
-def _niah(rng, seed, depth, n_keys, n_values, n_queries):
+def task_niah(rng, seed, depth, length, n_keys=1, n_values=1, n_queries=1):
     """n_keys keys, the first n_queries of them asked; the first key holds n_values values, the others one each.
     Needles of the asked keys at `depth` (the first) and seeded random depths; distractor keys elsewhere."""
     keys = distinct(rng, lambda r: f"{r.choice(ADJECTIVES)}-{r.choice(ANIMALS)}", n_keys)
@@ -185,22 +186,6 @@ def _niah(rng, seed, depth, n_keys, n_values, n_queries):
                 f"them at the end.\n\n{text}\n\n{question}")
         return user, answers, depths[:n_asked], None, None
     return build
-
-
-def task_niah_single(rng, seed, depth, length):
-    return _niah(rng, seed, depth, 1, 1, 1)
-
-
-def task_niah_multikey(rng, seed, depth, length):
-    return _niah(rng, seed, depth, 4, 1, 1)
-
-
-def task_niah_multivalue(rng, seed, depth, length):
-    return _niah(rng, seed, depth, 1, 4, 1)
-
-
-def task_niah_multiquery(rng, seed, depth, length):
-    return _niah(rng, seed, depth, 4, 1, 4)
 
 
 def task_vt(rng, seed, depth, length, hops=4):
@@ -276,7 +261,13 @@ def task_mc_records(rng, seed, depth, length, n_options=4):
     return build
 
 
-TASK_BUILDERS = {name: globals()[f"task_{name}"] for name in TASKS}
+TASK_BUILDERS = {  # name -> builder(rng, seed, depth, length); RULER's four needle variants are one task with arguments
+    "niah_single": task_niah,
+    "niah_multikey": functools.partial(task_niah, n_keys=4),
+    "niah_multivalue": functools.partial(task_niah, n_values=4),
+    "niah_multiquery": functools.partial(task_niah, n_keys=4, n_queries=4),
+    "vt": task_vt, "cwe": task_cwe, "fwe": task_fwe, "mc_records": task_mc_records}
+assert tuple(TASK_BUILDERS) == TASKS
 
 
 # -----------------------------------------------------------------------------
