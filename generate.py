@@ -2,11 +2,14 @@
 
 Implements the data construction of arXiv 2502.13922 (§3.3, Figure 2), with the recipe of §4.1 and Appendix B.1:
 for each long document C_L, sample chunks C_S^i, let πS write an instruction pool per chunk (T = 0.7, top-p = 0.9)
-and pick one instruction I^i, then answer it greedily twice: chosen y_S^i given [C_S^i; I^i], rejected y_L^i given
-[C_L; I^i]. The reference log-probs log πS(y | C_S^i, I^i) of Eq. 12-13 are stored in each turn, so training holds no
-reference model. The sampler is hand-written over transformers' KV cache: prefill, decode_one_token, sample.
+and pick one instruction I^i, then answer it twice (greedily, B.1): chosen y_S^i given [C_S^i; I^i], rejected y_L^i
+given [C_L; I^i]. The reference log-probs log πS(y | C_S^i, I^i) of Eq. 12-13 are stored in each turn, so training
+holds no reference model. Chunks are sized so that πS answers them inside its own window; only the rejected answer is
+generated past it (optionally at another RoPE base, --long_rope_theta). The sampler is hand-written over
+transformers' KV cache: prefill, decode_one_token, sample.
 
-    # 8 GPUs, data parallel over documents (the paper's 128K setting: documents of 64K-128K tokens, 32K chunks)
+    # 8 GPUs, data parallel over documents (the paper's 128K setting: documents of 64K-128K tokens, chunks of up to
+    # 32K, here the most that Mistral-7B-Instruct-v0.2's 32K window leaves beside the prompt and answer budgets)
     torchrun --nproc_per_node 8 generate.py --corpus /data/long_docs.jsonl --model /ckpt/Mistral-7B-Instruct-v0.2 \
         --out data/mistral-128k.jsonl
     # one CPU process: the embedded SmolLM2-135M-Instruct over a small synthetic corpus written here (a few minutes)
@@ -19,6 +22,8 @@ OUT.parts/rank-NNNNN.jsonl and flushes it; a rerun resumes from there, and the p
 document index, at the end. Symbols: B batch (prompts decoded together), T tokens, V vocabulary.
 """
 
+import contextlib
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -51,18 +56,29 @@ class GenConfig:
     max_docs: int = -1  # consider only the first N corpus documents; -1 = all
     # lengths (paper §4.1, for the 128K target)
     max_len: int = 131072  # keep documents whose token length lies in (max_len/2, max_len]
-    chunk_tokens: int = 32768  # |C_S^i|: documents are cut into consecutive chunks of up to this many tokens
+    chunk_tokens: int = 0  # |C_S^i|: documents are cut into consecutive chunks of up to this many tokens (paper: 32K);
+    # 0 = the longest that keeps πS inside its window (max_chunk_tokens); a larger one is refused
     min_chunk_tokens: int = 128  # a shorter trailing chunk is never sampled (too little to ask about)
     chunks_per_doc: int = 4  # n: at most this many chunks sampled at random per document (turns of a record)
     # instruction pool (Appendix B.1)
     pool_size: int = 4  # instructions asked for per chunk, one of which is picked at random (§4.1: 4)
     pool_temperature: float = 0.7  # T for the instruction pool
     pool_top_p: float = 0.9  # top-p for the instruction pool
-    pool_max_new_tokens: int = 256  # token budget of the pool
-    # responses (greedy, Appendix B.1)
-    max_new_tokens: int = 1024  # token budget of each response; a response that hits it is dropped as cut off
-    rep_ngram: int = 4  # a response is repetitive when more than rep_max of its word rep_ngram-grams are repeats
-    rep_max: float = 0.3
+    pool_max_new_tokens: int = 256  # token budget of the pool (and so of one instruction, a line of it)
+    pool_fallback: bool = True  # a pool with no usable line: FALLBACK_INSTRUCTION (counted); false drops the chunk
+    # responses (Appendix B.1: greedy, i.e. temperature 0; the released generation samples at 1.0, top-p 1.0)
+    max_new_tokens: int = 1024  # token budget of each response
+    response_temperature: float = 0.0  # T for chosen and rejected answers; 0 = greedy (exact argmax)
+    response_top_p: float = 1.0  # top-p for chosen and rejected answers (at temperature > 0)
+    long_rope_theta: float = 0.0  # RoPE base while πS answers over the long document C_L (rejected y_L only); 0 =
+    # πS's own. Chosen answers, pools and all reference log-probs keep πS's own base
+    # filters (§4.1 "censored and repetitive"; thresholds from the released code). Empty answers, answers that spell
+    # a control token, and turns whose short sequence [C_S; I; y] exceeds πS's window are always dropped
+    drop_cut_off: bool = False  # drop an answer that hit max_new_tokens (the paper names no such rule; released keeps)
+    drop_refusals: bool = True  # drop an answer holding a REFUSALS phrase anywhere ("censored")
+    rep_ratio_chosen: float = 0.9  # drop a chosen answer whose repetition_ratio exceeds this (released 0.9); 1 = off
+    rep_ratio_rejected: float = 0.95  # the same for rejected answers (released 0.95); 1 = off
+    min_words: int = 0  # drop an answer with fewer words of 3+ characters than this (released: 2); 0 = off
     # sampler
     prefill_chunk: int = 2048  # tokens per prefill forward: bounds activation memory at long prompts
     long_group: int = 1  # rejected answers decoded together, each over its own copy of the document's KV cache
@@ -433,34 +449,100 @@ def parse_pool(text, finished=True):
 
 
 # -----------------------------------------------------------------------------
-# filters: refusals and degenerate responses (§4.1 "censored and repetitive")
+# πS's window: the chunk size that fits it, and the long branch's RoPE base
+
+
+def max_chunk_tokens(tokenizer, window, cfg):
+    """The longest chunk C_S with which πS stays inside its window W (max_position_embeddings) on both of its
+    short sequences: the pool [template; C_S; pool prompt; pool] and the answer [template; C_S; I; y], where I is
+    at most a whole pool (it is one line of one) or the fallback instruction, and y at most max_new_tokens plus
+    its end-of-turn marker. Returns (tokens, the budgets as text for a refusal). A chunk re-tokenizes to about its
+    length (chunk_spans), so a turn is still checked on its rendered tokens (fits_window)."""
+    def n(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    pool_prompt = len(longpo.render_chat(tokenizer, ["\n\n" + POOL_PROMPT.format(n=cfg.pool_size)])[0])
+    template = len(longpo.render_chat(tokenizer, ["\n\n", "x"])[0]) - n("x")  # "\n\n", the answer's marker
+    instruction = max(cfg.pool_max_new_tokens, n(FALLBACK_INSTRUCTION) if cfg.pool_fallback else 0)
+    pool_side, answer_side = pool_prompt + cfg.pool_max_new_tokens, template + instruction + cfg.max_new_tokens
+    budgets = (f"max_position_embeddings {window} - max(template and pool prompt {pool_prompt} + pool "
+               f"{cfg.pool_max_new_tokens} (--pool_max_new_tokens), template {template} + instruction {instruction} + "
+               f"response {cfg.max_new_tokens} (--max_new_tokens)) = {window - max(pool_side, answer_side)}")
+    return window - max(pool_side, answer_side), budgets
+
+
+def fits_window(tokenizer, window, user, response):
+    """Whether the short sequence [template; C_S; I; y], as training and the reference log-probs render it, lies
+    inside πS's window: past it, y and log πS(y | C_S, I) would not be πS at its best."""
+    return len(longpo.render_chat(tokenizer, [user, response])[0]) <= window
+
+
+@contextlib.contextmanager
+def rope_base(model, theta):
+    """Inside the block the model runs with RoPE base theta (0: its own): a rotary embedding built from a copy of
+    the config with that base is swapped in, and the model's own swapped back after. One model, two bases; keys
+    in a KV cache keep the base they were computed with, so a cache is filled and used inside one block."""
+    if not theta:
+        yield
+        return
+    own = model.model.rotary_emb
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {"rope_type": "default"}),
+                              "rope_theta": theta}
+    model.model.rotary_emb = type(own)(config).to(own.inv_freq.device)
+    try:
+        yield
+    finally:
+        model.model.rotary_emb = own
+
+
+# -----------------------------------------------------------------------------
+# filters (§4.1: "censored and repetitive" responses are dropped; the thresholds are the released code's)
 
 REFUSALS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i can not", "i'm unable", "i am unable",
             "i'm not able", "i am not able", "as an ai", "as a language model", "i don't have access",
             "i do not have access", "cannot answer", "can't answer")
 
 
-def is_repetitive(text, n=4, max_repeat=0.3):
-    """More than max_repeat of the word n-grams are repeats of an earlier one (a decoding loop)."""
-    words = text.split()
-    grams = [tuple(words[j:j + n]) for j in range(len(words) - n + 1)]
-    return len(grams) > 1 and 1 - len(set(grams)) / len(grams) > max_repeat
+def answer_words(text):
+    """The words the released filters count: lower-cased, punctuation removed, split at whitespace."""
+    return re.sub(r"[^\w\s]", "", text.lower()).split()
 
 
-def reject_reason(text, finished, cfg, specials=()):
-    """Why a response is dropped, or None: empty, cut_off (hit max_new_tokens), special_token_text (a control
-    token's string spelled out in ordinary tokens, which training could not render), refusal, repetitive."""
-    if not text.strip():
+def repetition_ratio(text):
+    """The released code's word-repetition ratio: the share of an answer's words (answer_words) that are
+    occurrences of a word appearing more than once in it. 0 when every word is distinct, 1 when every word
+    recurs: "a b c d" 0, "a b a c" 0.5 (both a's), "the cat the cat" 1. A decoding loop drives it towards 1."""
+    words = answer_words(text)
+    counts = Counter(words)
+    return sum(c for c in counts.values() if c > 1) / len(words) if words else 0.0
+
+
+def filter_rules(cfg, branch):
+    """The rules that can drop an answer of branch "chosen" or "rejected" under cfg, in the order they are tried."""
+    rep = cfg.rep_ratio_chosen if branch == "chosen" else cfg.rep_ratio_rejected
+    flagged = (("cut_off", cfg.drop_cut_off), ("refusal", cfg.drop_refusals), ("repetitive", rep < 1),
+               ("short", cfg.min_words > 0))
+    return ["empty", "special_token_text", *(rule for rule, on in flagged if on), "over_window"]
+
+
+def reject_reason(text, finished, cfg, branch="chosen", specials=()):
+    """Why an answer of branch "chosen" or "rejected" is dropped, or None. Always: empty (no letter or digit);
+    special_token_text (a control token's string spelled out in ordinary tokens, which training could not render).
+    By flag: cut_off (hit max_new_tokens, --drop_cut_off); refusal (a REFUSALS phrase anywhere, --drop_refusals);
+    repetitive (repetition_ratio above --rep_ratio_chosen or --rep_ratio_rejected); short (fewer than
+    --min_words words of three or more characters). over_window is decided on the rendered turn (fits_window)."""
+    if not re.search(r"\w", text):
         return "empty"
-    if not finished:
-        return "cut_off"
     if longpo.special_in(text, specials):
         return "special_token_text"
-    head = text[:200].lower().replace("’", "'")
-    if any(r in head for r in REFUSALS):
+    if cfg.drop_cut_off and not finished:
+        return "cut_off"
+    if cfg.drop_refusals and any(r in text.lower().replace("’", "'") for r in REFUSALS):
         return "refusal"
-    if is_repetitive(text, cfg.rep_ngram, cfg.rep_max):
+    if repetition_ratio(text) > (cfg.rep_ratio_chosen if branch == "chosen" else cfg.rep_ratio_rejected):
         return "repetitive"
+    if sum(len(w) >= 3 for w in answer_words(text)) < cfg.min_words:
+        return "short"
     return None
 
 
@@ -474,54 +556,66 @@ def doc_seed(seed, index):
 
 
 def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name):
-    """Returns (record or None, counts). counts holds turns, fallback instructions and each dropped turn's reason."""
+    """Returns (record or None, counts). counts holds turns sampled, fallback instructions and each dropped turn's
+    branch and reason."""
     device = next(model.parameters()).device
     seed = doc_seed(cfg.seed, index)
     rng = random.Random(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     counts = Counter()
     specials = longpo.special_token_strings(tokenizer)
+    window = model.config.max_position_embeddings  # W: πS is never asked past it on a short sequence
 
     def render(user):  # a prompt to answer, tokenized exactly as training renders its user turns
         return longpo.render_chat(tokenizer, [user])[0]
 
+    def drop_reason(answer, finished, branch, user):  # a filter's reason, or the turn past πS's window
+        reason = reject_reason(answer, finished, cfg, branch, specials)
+        return reason or (None if fits_window(tokenizer, window, user, answer) else "over_window")
+
     sample_args = dict(eos_ids=eos_ids, prefill_chunk=cfg.prefill_chunk)
+    response_args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
+                         top_p=cfg.response_top_p, generator=gen, **sample_args)  # B.1: greedy by default
 
     # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1)
     spans = sample_chunks(chunk_spans(offsets, text, cfg.chunk_tokens, cfg.min_chunk_tokens), cfg.chunks_per_doc, rng)
+    counts["turns"] += len(spans)
     # an instruction pool per chunk (B.1: T = 0.7, top-p = 0.9), one instruction I^i picked from it at random
     pools = generate_tokens(model, [render(text[s:e] + "\n\n" + POOL_PROMPT.format(n=cfg.pool_size)) for s, e in spans],
                             max_new_tokens=cfg.pool_max_new_tokens, temperature=cfg.pool_temperature,
                             top_p=cfg.pool_top_p, generator=gen, **sample_args)
-    instructions = []
-    for toks, finished in pools:
+    asked = []  # (chunk span, instruction)
+    for span, (toks, finished) in zip(spans, pools):
         pool = parse_pool(tokenizer.decode(toks, skip_special_tokens=True), finished)
         pool = [p for p in pool if not longpo.special_in(p, specials)]  # unrenderable: see reject_reason
-        if not pool:
+        if not pool and cfg.pool_fallback:
             counts["fallback_instruction"] += 1  # a small πS may write no usable line
             pool = [FALLBACK_INSTRUCTION]
-        instructions.append(rng.choice(pool))
-    # §3.3 step 2, response generation (greedy, B.1): chosen y_S^i given x_S = [C_S^i; I^i]. A turn whose chosen
-    # answer fails a filter (§4.1) is dropped before its rejected answer is computed: the long side is the costly one
-    chosen = generate_tokens(model, [render(text[s:e] + "\n\n" + ins) for (s, e), ins in zip(spans, instructions)],
-                             max_new_tokens=cfg.max_new_tokens, **sample_args)
-    counts["turns"] += len(spans)
+        if pool:
+            asked.append((span, rng.choice(pool)))
+        else:
+            counts["dropped: no instruction"] += 1  # --pool_fallback false: the chunk gives no turn
+    # §3.3 step 2, response generation: chosen y_S^i given x_S = [C_S^i; I^i]. A turn whose chosen answer fails a
+    # filter (§4.1) is dropped before its rejected answer is computed: the long side is the costly one
+    shorts = [text[s:e] + "\n\n" + ins for (s, e), ins in asked]  # the user message of x_S
+    chosen = generate_tokens(model, [render(u) for u in shorts], **response_args)
     kept = []
-    for (s, e), ins, (toks, finished) in zip(spans, instructions, chosen):
+    for ((s, e), ins), user, (toks, finished) in zip(asked, shorts, chosen):
         y_s = tokenizer.decode(toks, skip_special_tokens=True).strip()
-        reason = reject_reason(y_s, finished, cfg, specials)
+        reason = drop_reason(y_s, finished, "chosen", user)
         if reason:
             counts["dropped: chosen " + reason] += 1
         else:
-            kept.append(dict(chunk=[s, e], instruction=ins, chosen=y_s))
-    # rejected y_L^i given x_L = [C_L; I^i]; the document's KV cache is computed once for all instructions
-    rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for t in kept],
-                                          max_new_tokens=cfg.max_new_tokens, group=cfg.long_group,
-                                          **sample_args) if kept else []
+            kept.append((dict(chunk=[s, e], instruction=ins, chosen=y_s), user))
+    # rejected y_L^i given x_L = [C_L; I^i], at the long branch's RoPE base; the document's KV cache is computed once
+    # for all instructions
+    with rope_base(model, cfg.long_rope_theta):
+        rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for t, _ in kept],
+                                              group=cfg.long_group, **response_args) if kept else []
     turns = []
-    for t, (toks, finished) in zip(kept, rejected):
+    for (t, user), (toks, finished) in zip(kept, rejected):
         t["rejected"] = tokenizer.decode(toks, skip_special_tokens=True).strip()
-        reason = reject_reason(t["rejected"], finished, cfg, specials)
+        reason = drop_reason(t["rejected"], finished, "rejected", user)  # its reference is on [C_S; I] too
         reason = "rejected " + reason if reason else None
         if reason is None and t["rejected"] == t["chosen"]:
             reason = "identical"  # no preference to learn: chosen and rejected rewards would be equal
@@ -533,8 +627,8 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
         counts["documents without a turn left"] += 1
         return None, counts
     record = {"id": f"doc-{index:05d}", "document": text, "turns": turns}
-    for i, t in enumerate(turns):  # log πS(y | C_S^i, I^i) of Eq. 12-13, through the rendering training uses
-        for key in ("chosen", "rejected"):
+    for i, t in enumerate(turns):  # log πS(y | C_S^i, I^i) of Eq. 12-13, through the rendering training uses, at
+        for key in ("chosen", "rejected"):  # πS's own RoPE base: the reference is πS on the short chunk
             messages = longpo.short_messages(record, i, t[key])
             t[f"ref_{key}_logp"] = longpo.response_logps(model, tokenizer, messages)[0].item()
     record["meta"] = {"model": model_name, "source": source, "long_tokens": len(offsets), "seed": seed}
@@ -627,6 +721,18 @@ def merge_parts(parts, out, n_docs):
     return counts
 
 
+def branch_drops(counts, branch):
+    return sum(v for k, v in counts.items() if k.startswith(f"dropped: {branch} "))
+
+
+def summary_lines(counts, cfg):
+    """The final counts: turns sampled, then per branch what each rule under cfg dropped (zeros included), then
+    the rest (identical pairs, fallback instructions, chunks without one, documents left without a turn)."""
+    rules = [f"dropped: {b} {r}" for b in ("chosen", "rejected") for r in filter_rules(cfg, b)]
+    rest = sorted((k for k in counts if k != "turns" and k not in rules), key=lambda k: (not k.startswith("drop"), k))
+    return [f"  {k}: {counts.get(k, 0)}" for k in ["turns", *rules, *rest]]
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -638,11 +744,14 @@ def main(argv):
         for k, v in EMBEDDED.items():
             if k not in given:
                 setattr(cfg, k, v)
-    for name, ok in (("chunk_tokens", cfg.chunk_tokens >= 1), ("min_chunk_tokens", cfg.min_chunk_tokens >= 1),
+    for name, ok in (("chunk_tokens", cfg.chunk_tokens >= 0), ("min_chunk_tokens", cfg.min_chunk_tokens >= 1),
                      ("chunks_per_doc", cfg.chunks_per_doc >= 1), ("pool_size", cfg.pool_size >= 1),
                      ("pool_temperature", cfg.pool_temperature >= 0), ("pool_top_p", 0 < cfg.pool_top_p <= 1),
                      ("pool_max_new_tokens", cfg.pool_max_new_tokens >= 1), ("max_new_tokens", cfg.max_new_tokens >= 1),
-                     ("rep_ngram", cfg.rep_ngram >= 1), ("rep_max", 0 <= cfg.rep_max <= 1),
+                     ("response_temperature", cfg.response_temperature >= 0),
+                     ("response_top_p", 0 < cfg.response_top_p <= 1), ("long_rope_theta", cfg.long_rope_theta >= 0),
+                     ("rep_ratio_chosen", 0 <= cfg.rep_ratio_chosen <= 1),
+                     ("rep_ratio_rejected", 0 <= cfg.rep_ratio_rejected <= 1), ("min_words", cfg.min_words >= 0),
                      ("prefill_chunk", cfg.prefill_chunk >= 1), ("long_group", cfg.long_group >= 1),
                      ("max_len", cfg.max_len >= 2)):  # checked before anything is written: no parts folder to refuse
         if not ok:
@@ -650,12 +759,31 @@ def main(argv):
     env = longpo.setup_distributed(sp=1)  # every rank its own dp group: ranks split the documents
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world}: documents split over ranks; corpus: {cfg.corpus or 'embedded synthetic'}")
-    longpo.print0(json.dumps(dataclasses.asdict(cfg)))
     dtype = longpo.inference_dtype(cfg.dtype, env.device, ("auto", "float32", "float64"))
 
-    # model and corpus
+    # model; the chunk size from πS's window (a chunk that cannot fit is refused before anything is written)
     model, tokenizer = longpo.load_model(cfg.model, dtype, attn="sdpa")
     model.to(env.device).eval()
+    window = model.config.max_position_embeddings
+    longest, budgets = max_chunk_tokens(tokenizer, window, cfg)
+    refusal = None
+    if cfg.chunk_tokens > longest:
+        refusal = f"--chunk_tokens {cfg.chunk_tokens} does not fit πS's window: {budgets} tokens at most"
+    elif cfg.chunk_tokens == 0 and longest < cfg.min_chunk_tokens:
+        refusal = (f"πS's window leaves {longest} tokens for a chunk, under --min_chunk_tokens "
+                   f"{cfg.min_chunk_tokens}: {budgets}")
+    elif 0 < cfg.chunk_tokens < cfg.min_chunk_tokens:
+        refusal = (f"--chunk_tokens {cfg.chunk_tokens} is under --min_chunk_tokens {cfg.min_chunk_tokens}: no chunk "
+                   "would be sampled")
+    if refusal:  # one line on rank 0, exit status 2 on every rank (each computed the same)
+        if env.master:
+            print(refusal, file=sys.stderr, flush=True)
+        longpo.teardown_distributed()
+        sys.exit(2)
+    if cfg.chunk_tokens == 0:
+        cfg.chunk_tokens = longest  # resolved here, so that the parts' config records the size the data used
+        longpo.print0(f"--chunk_tokens {longest} from πS's window: {budgets}")
+    longpo.print0(json.dumps(dataclasses.asdict(cfg)))
     model_name = cfg.model or longpo.EMBEDDED_NAME
     eos_ids = eos_token_ids(model, tokenizer)
     if cfg.corpus:
@@ -713,7 +841,7 @@ def main(argv):
     todo = [i for i in mine if i not in done]
 
     # generation: one record per document, appended and flushed as soon as it is complete
-    t_start, processed, stopped = time.time(), 0, False
+    t_start, processed, stopped, seen = time.time(), 0, False, Counter()
     with open(my_part, "a", encoding="utf-8") as part:
         for i in todo:
             if processed == cfg.stop_after:
@@ -726,6 +854,7 @@ def main(argv):
             except ValueError as e:  # e.g. a chat template that will not render it: skipped, never blocking a resume
                 print(f"skipping document {i} ({source}): {e}", file=sys.stderr, flush=True)
                 record, counts = None, Counter({"documents skipped (cannot be rendered)": 1})
+            seen.update(counts)
             part.write(json.dumps({"index": i, "record": record, "counts": dict(counts)}, ensure_ascii=False) + "\n")
             part.flush()
             os.fsync(part.fileno())
@@ -733,7 +862,8 @@ def main(argv):
             # progress: documents done, prefill and decode throughput, time left (this rank's share)
             elapsed = time.time() - t_start
             longpo.print0(
-                f"doc {processed}/{len(todo)} (rank 0) | turns kept {len(record['turns']) if record else 0} | "
+                f"doc {processed}/{len(todo)} (rank 0) | turns kept {len(record['turns']) if record else 0} | dropped "
+                f"so far: chosen {branch_drops(seen, 'chosen')}, rejected {branch_drops(seen, 'rejected')} | "
                 f"prefill {STATS['prefill_tokens'] / max(STATS['prefill_s'], 1e-9):.0f} tok/s | "
                 f"decode {STATS['decode_tokens'] / max(STATS['decode_s'], 1e-9):.1f} tok/s | "
                 f"elapsed {elapsed:.0f}s | left ~{elapsed / processed * (len(todo) - processed):.0f}s")
@@ -751,8 +881,8 @@ def main(argv):
         print(f"wrote {counts.pop('records', 0)} record(s) to {cfg.out} (parts kept in {parts}: a rerun resumes "
               f"from them; delete it to start over)", flush=True)
         print(f"outside the length range: {sum(s[3] - s[0] for s in stats)} document(s)", flush=True)
-        for k in sorted(counts):
-            print(f"  {k}: {counts[k]}", flush=True)
+        for line in summary_lines(counts, cfg):
+            print(line, flush=True)
     longpo.teardown_distributed()
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -900,6 +901,65 @@ def test_sampling_is_reproducible_and_greedy_is_argmax():
     assert torch.equal(G.sample(logits, 0.0, 0.9, g1), logits.argmax(-1))
 
 
+def gen_cfg(**overrides):
+    """A GenConfig for build_record on a tiny random model: small budgets, and the repetition rule off (a random
+    model's answers repeat its few words)."""
+    return G.GenConfig(**{**dict(chunk_tokens=64, min_chunk_tokens=16, chunks_per_doc=3, pool_max_new_tokens=16,
+                                 max_new_tokens=12, rep_ratio_chosen=1.0, rep_ratio_rejected=1.0), **overrides})
+
+
+def record_of(cfg, model, tok, text, index=0):
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return G.build_record(cfg, model, tok, [tok.eos_token_id], index, "test", text, offsets, "tiny")
+
+
+def answers(record):
+    return [(t["chosen"], t["rejected"]) for t in record["turns"]]
+
+
+def test_response_sampling_is_reproducible_under_a_seed(tiny_models):
+    model, tok = load(tiny_models["llama"])
+    text = words(random.Random(12), 300)
+    cfg = gen_cfg(response_temperature=1.0, response_top_p=0.9)
+    a, b = record_of(cfg, model, tok, text)[0], record_of(cfg, model, tok, text)[0]
+    assert a == b and len(a["turns"]) >= 2  # the same seed: the same record, answers and reference log-probs
+    other = record_of(gen_cfg(response_temperature=1.0, response_top_p=0.9, seed=1), model, tok, text)[0]
+    assert answers(other) != answers(a)
+    # the pools come first from the document's generator, so greedy answers the very same instructions
+    greedy = record_of(gen_cfg(), model, tok, text)[0]
+    assert [t["instruction"] for t in greedy["turns"]] == [t["instruction"] for t in a["turns"]]
+    assert all(x != y for x, y in zip(answers(greedy), answers(a)))  # temperature 1 sampled, away from the argmax
+    short = [longpo.render_chat(tok, [text[t["chunk"][0]:t["chunk"][1]] + "\n\n" + t["instruction"]])[0]
+             for t in greedy["turns"]]
+    assert [t["chosen"] for t in greedy["turns"]] == [
+        tok.decode(toks, skip_special_tokens=True).strip() for toks, _ in G.generate_tokens(model, short, [], 12)]
+
+
+def test_long_rope_theta_changes_only_the_rejected_branch(tiny_models):
+    """--long_rope_theta: the rejected answers are those of πS loaded with that base, over the long document; the
+    pools, chosen answers and every reference log-prob (πS on the short chunk) are those of πS's own base."""
+    path = tiny_models["llama"]
+    model, tok = load(path)
+    own = model.model.rotary_emb.inv_freq.clone()
+    text = words(random.Random(11), 300)
+    base = record_of(gen_cfg(), model, tok, text)[0]
+    rec = record_of(gen_cfg(long_rope_theta=50.0), model, tok, text)[0]
+    assert torch.equal(model.model.rotary_emb.inv_freq, own)  # the model's own base is back afterwards
+    long_model = longpo.load_model(path, torch.float32, "sdpa", rope_theta=50.0)[0].eval()
+    assert not torch.equal(long_model.model.rotary_emb.inv_freq, own)
+    prompts = [longpo.render_chat(tok, [text + "\n\n" + t["instruction"]])[0] for t in rec["turns"]]
+    expect = G.generate_with_prefix_cache(long_model, prompts, [tok.eos_token_id], 12)
+    assert [t["rejected"] for t in rec["turns"]] == [tok.decode(x, skip_special_tokens=True).strip() for x, _ in expect]
+    assert len(rec["turns"]) == len(base["turns"]) >= 2
+    assert all(a["rejected"] != b["rejected"] for a, b in zip(rec["turns"], base["turns"]))
+    for i, (a, b) in enumerate(zip(rec["turns"], base["turns"])):
+        assert (a["chunk"], a["instruction"], a["chosen"], a["ref_chosen_logp"]) == \
+               (b["chunk"], b["instruction"], b["chosen"], b["ref_chosen_logp"])
+        messages = longpo.short_messages(rec, i, a["rejected"])
+        assert a["ref_rejected_logp"] == longpo.response_logps(model, tok, messages)[0].item()
+        assert a["ref_rejected_logp"] != longpo.response_logps(long_model, tok, messages)[0].item()
+
+
 # -----------------------------------------------------------------------------
 # data rules
 
@@ -927,23 +987,148 @@ def test_chunks_cover_the_document_in_token_bounded_spans(tiny_models):
     assert G.sample_chunks(spans[:2], 4, rng1) == spans[:2]
 
 
+def test_default_chunk_size_fits_the_window_with_prompt_and_response(tiny_models, tmp_path, capsys):
+    _, tok = load(tiny_models["llama"])
+    W, cfg = 384, G.GenConfig(pool_max_new_tokens=24, max_new_tokens=24)
+    longest, budgets = G.max_chunk_tokens(tok, W, cfg)
+    assert 100 < longest < W - 48 - 19 and f"= {longest}" in budgets  # 19: the chat template alone
+
+    def cats(n):  # n tokens exactly: " cat" is one token of the test tokenizer
+        return " ".join(["cat"] * n)
+    assert len(tok(cats(longest), add_special_tokens=False)["input_ids"]) == longest
+    for n, fits in ((longest, True), (longest + 3, False)):
+        pool = len(longpo.render_chat(tok, [cats(n) + "\n\n" + G.POOL_PROMPT.format(n=4)])[0]) + 24
+        answer = len(longpo.render_chat(tok, [cats(n) + "\n\n" + cats(24), cats(24)])[0])  # a pool-long I, a full y
+        assert (max(pool, answer) <= W) == fits, (n, pool, answer)
+    # a model with that window: the derived size is used; one that cannot fit is refused in one line, exit 2,
+    # before any parts folder is written
+    small = tmp_path / "small"
+    shutil.copytree(tiny_models["llama"], small)
+    conf = json.loads((small / "config.json").read_text())
+    conf["max_position_embeddings"] = W
+    (small / "config.json").write_text(json.dumps(conf))
+    out = tmp_path / "o.jsonl"
+    base = ["--model", str(small), "--corpus", str(tmp_path / "none.txt"), "--out", str(out),
+            "--pool_max_new_tokens", "24", "--max_new_tokens", "24"]
+    with pytest.raises(SystemExit, match="no such file"):  # past the check: the derived size fits
+        G.main(base)
+    assert f"--chunk_tokens {longest} from πS's window" in capsys.readouterr().out
+    left = G.max_chunk_tokens(tok, W, dataclasses.replace(cfg, max_new_tokens=300))[0]
+    for extra, message in ((["--chunk_tokens", str(longest + 1)],
+                            f"--chunk_tokens {longest + 1} does not fit πS's window: max_position_embeddings {W} - "),
+                           (["--max_new_tokens", "300"], f"πS's window leaves {left} tokens for a chunk, under "
+                                                         "--min_chunk_tokens 128: max_position_embeddings")):
+        with pytest.raises(SystemExit) as e:
+            G.main(base + extra)
+        last = capsys.readouterr().err.splitlines()[-1]  # (above it, transformers' loading bar)
+        assert e.value.code == 2 and last.startswith(message), last
+        assert not os.path.exists(str(out) + ".parts")
+
+
+def test_turns_past_the_window_are_dropped_and_counted(tiny_models):
+    """A turn whose short sequence [C_S; I; y], as render_chat renders it, is longer than πS's window is dropped
+    (chosen before its rejected answer is generated), counted per branch; the others are kept unchanged."""
+    model, tok = load(tiny_models["llama"])
+    text = words(random.Random(14), 400)
+    cfg = gen_cfg(chunks_per_doc=4)
+    full, counts = record_of(cfg, model, tok, text)
+    assert len(full["turns"]) == 4 and not any(k.endswith("over_window") for k in counts)
+    lengths = [[len(longpo.render_chat(tok, longpo.short_messages(full, i, t[k]))[0]) for k in ("chosen", "rejected")]
+               for i, t in enumerate(full["turns"])]
+    W = sorted(max(x) for x in lengths)[1]  # about half the turns fit
+    model.config.max_position_embeddings = W
+    rec, counts = record_of(cfg, model, tok, text)
+    over_c = sum(c > W for c, _ in lengths)
+    over_r = sum(c <= W < r for c, r in lengths)
+    assert counts["dropped: chosen over_window"] == over_c and counts["dropped: rejected over_window"] == over_r
+    assert over_c + over_r >= 2
+    assert rec["turns"] == [t for t, (c, r) in zip(full["turns"], lengths) if max(c, r) <= W]
+
+
 def test_length_filter_boundaries():
     assert [G.in_length_range(n, 100) for n in (49, 50, 51, 100, 101)] == [False, False, True, True, False]
 
 
 def test_filter_rules():
     cfg = G.GenConfig()
-    assert G.reject_reason("  \n", True, cfg) == "empty"
-    assert G.reject_reason("The answer is 42", False, cfg) == "cut_off"
+    assert G.reject_reason("  \n", True, cfg) == "empty" and G.reject_reason(" ... ", True, cfg) == "empty"
+    assert G.reject_reason("The answer is 42", False, cfg) is None  # cut off: kept by default (released)
+    assert G.reject_reason("The answer is 42", False, dataclasses.replace(cfg, drop_cut_off=True)) == "cut_off"
     assert G.reject_reason("I'm sorry, but I cannot help with that.", True, cfg) == "refusal"
     assert G.reject_reason("As an AI language model, I do not know.", True, cfg) == "refusal"
-    assert G.reject_reason("the crate was red and " * 10, True, cfg) == "repetitive"
     ok = "Ada Quill counted 382 crates of copper in the grey warehouse on day 12 of the spring season."
+    tail = ok + (" Then the harbour master sold twenty barrels of amber oil to Velmor, paid by Orin Tessa in silver. "
+                 "Beyond that, I cannot answer.")
+    assert len(tail) > 200 and G.reject_reason(tail, True, cfg) == "refusal"  # anywhere, not only at the start
+    assert G.reject_reason(tail, True, dataclasses.replace(cfg, drop_refusals=False)) is None
+    # the released word-repetition ratio, by hand: the share of words that recur
+    assert G.repetition_ratio("a b c d") == 0 and G.repetition_ratio("A b, a c!") == 0.5
+    assert G.repetition_ratio("the cat the cat") == 1 and G.repetition_ratio("") == 0
+    loop = "red " * 19 + "blue"  # 19 of 20 words recur: 0.95
+    assert G.repetition_ratio(loop) == 0.95
+    assert G.reject_reason(loop, True, cfg, "chosen") == "repetitive"  # > 0.9
+    assert G.reject_reason(loop, True, cfg, "rejected") is None  # not > 0.95
+    assert G.reject_reason("red " * 20, True, cfg, "rejected") == "repetitive"
+    assert G.reject_reason(loop, True, dataclasses.replace(cfg, rep_ratio_chosen=1.0), "chosen") is None
+    # fewer than --min_words words of three or more characters (off by default; the released code's 2)
+    assert G.reject_reason("ok 42", True, cfg) is None
+    assert G.reject_reason("ok 42", True, dataclasses.replace(cfg, min_words=2)) == "short"
+    assert G.reject_reason("ok 417 crates", True, dataclasses.replace(cfg, min_words=2)) is None
     assert G.reject_reason(ok, True, cfg) is None
     # a control token's string spelled out in ordinary tokens (SmolLM2 can write "<|im_end|>" that way): dropped,
     # since render_chat would refuse the record
-    assert G.reject_reason(ok + " <|im_end|>", True, cfg, ["<|im_end|>", "<|im_start|>"]) == "special_token_text"
-    assert G.reject_reason(ok, True, cfg, ["<|im_end|>"]) is None
+    assert G.reject_reason(ok + " <|im_end|>", True, cfg, "chosen", ["<|im_end|>", "<|im_start|>"]) == \
+        "special_token_text"
+    assert G.reject_reason(ok, True, cfg, "chosen", ["<|im_end|>"]) is None
+
+
+def test_filter_flags_count_per_branch(tiny_models, monkeypatch):
+    """build_record with the sampler replaced by fixed answers: what each rule drops, per branch, under the default
+    flags and under the opposite ones, the pool fallback, and the summary lines that print it."""
+    model, tok = load(tiny_models["llama"])
+    text = words(random.Random(13), 600)
+    good = "The blue house stands by the green tree."
+    loop, refusal = "red " * 19 + "blue", "The text lists many things. " * 8 + "But I cannot answer that."
+    chosen = {0: ("I'm sorry, I cannot help with that.", True), 1: (loop, True), 2: ("ok 42", True),
+              3: ("The cat sat on the mat", False), 4: (good, True), 5: (good + " Yes.", True)}
+    rejected = {0: ("The house is green.", True), 1: ("stone " * 10, True), 2: (loop, True), 3: (refusal, True),
+                4: ("Blue stone by the river.", True), 5: ("A tree.", True)}
+
+    def turn_of(prompt):
+        user = tok.decode(prompt)
+        return 5 if G.FALLBACK_INSTRUCTION in user else next(k for k in range(5) if f"part {k} of" in user)
+
+    def fake_short(model_, prompts, **kw):  # pools (chunk 5's unusable), then chosen answers
+        if G.POOL_PROMPT[:20] in tok.decode(prompts[0]):
+            lines = [f"1. What does part {k} of the text say about it?" if k < 5 else "Sure!"
+                     for k in range(len(prompts))]
+        else:
+            lines = [chosen[turn_of(p)] for p in prompts]
+        return [(tok(x if isinstance(x, str) else x[0], add_special_tokens=False)["input_ids"],
+                 True if isinstance(x, str) else x[1]) for x in lines]
+
+    def fake_long(model_, prompts, **kw):
+        return [(tok(rejected[turn_of(p)][0], add_special_tokens=False)["input_ids"], rejected[turn_of(p)][1])
+                for p in prompts]
+    monkeypatch.setattr(G, "generate_tokens", fake_short)
+    monkeypatch.setattr(G, "generate_with_prefix_cache", fake_long)
+    cfg = G.GenConfig(chunk_tokens=64, min_chunk_tokens=16, chunks_per_doc=6, pool_max_new_tokens=16, max_new_tokens=12)
+    rec, counts = record_of(cfg, model, tok, text)
+    assert counts == {"turns": 6, "fallback_instruction": 1, "dropped: chosen refusal": 1,
+                      "dropped: chosen repetitive": 1, "dropped: rejected refusal": 1}
+    assert [t["chosen"] for t in rec["turns"]] == ["ok 42", good, good + " Yes."]
+    lines = G.summary_lines(counts, cfg)
+    assert "  dropped: chosen refusal: 1" in lines and "  dropped: rejected repetitive: 0" in lines
+    assert "  fallback_instruction: 1" in lines and not any("short" in x or "cut_off" in x for x in lines)
+    flipped = dataclasses.replace(cfg, drop_cut_off=True, drop_refusals=False, rep_ratio_chosen=1.0,
+                                  rep_ratio_rejected=0.9, min_words=2, pool_fallback=False)
+    rec, counts = record_of(flipped, model, tok, text)
+    assert counts == {"turns": 6, "dropped: no instruction": 1, "dropped: chosen short": 1,
+                      "dropped: chosen cut_off": 1, "dropped: rejected repetitive": 1}
+    assert [t["chosen"] for t in rec["turns"]] == [chosen[0][0], good]
+    lines = G.summary_lines(counts, flipped)
+    assert "  dropped: rejected cut_off: 0" in lines and "  dropped: no instruction: 1" in lines
+    assert not any("refusal" in x or "chosen repetitive" in x for x in lines)  # rules off are not listed
 
 
 def test_parse_pool():
@@ -1013,7 +1198,7 @@ def pipeline(tmp_path_factory, tiny_models):
             f.write(json.dumps({"text": words(rng, n)}) + "\n")
     args = ["--model", path, "--corpus", str(corpus), "--max_len", "640", "--chunk_tokens", "96",
             "--min_chunk_tokens", "16", "--chunks_per_doc", "3", "--pool_max_new_tokens", "24",
-            "--max_new_tokens", "24", "--rep_max", "0.9", "--long_group", "2"]
+            "--max_new_tokens", "24", "--long_group", "2"]
     return d, path, args
 
 
@@ -1049,10 +1234,10 @@ def test_pipeline_records_and_reference_logps(pipeline):
             n_turns += 1
     assert n_turns >= 2
     # the per-reason counts are printed and add up with the kept turns
-    counts = {line.split(":")[-2].strip(): int(line.rsplit(":", 1)[1]) for line in log.splitlines()
+    counts = {line.rsplit(":", 1)[0].strip(): int(line.rsplit(":", 1)[1]) for line in log.splitlines()
               if line.startswith("  ")}
-    assert counts["turns"] == n_turns + sum(v for k, v in counts.items() if k.startswith(("chosen", "rejected",
-                                                                                          "identical")))
+    assert counts["turns"] == n_turns + sum(v for k, v in counts.items() if k.startswith("dropped: "))
+    assert "dropped: chosen over_window" in counts and "dropped: rejected repetitive" in counts
 
 
 def test_resume_and_sharding_reproduce_the_file(pipeline):
@@ -1695,7 +1880,8 @@ def test_generate_corpus_and_flags(tmp_path):
         with pytest.raises(SystemExit, match=message):
             G.read_corpus(str(corpus))
     assert G.remove_specials("x<|im_<|im_end|>end|>y<|im_end|>", ["<|im_end|>"]) == ("xy", 3)
-    for flag in (["--chunk_tokens", "0"], ["--pool_temperature", "-1"], ["--prefill_chunk", "0"]):
+    for flag in (["--chunk_tokens", "-1"], ["--pool_temperature", "-1"], ["--prefill_chunk", "0"],
+                 ["--response_top_p", "0"], ["--rep_ratio_rejected", "1.5"], ["--long_rope_theta", "-1"]):
         p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
                            capture_output=True, text=True, cwd=HERE, timeout=120)
         assert p.returncode == 2 and p.stderr.startswith(f"{flag[0]} ") and "is out of range" in p.stderr
