@@ -775,11 +775,8 @@ def main(argv):
     elif 0 < cfg.chunk_tokens < cfg.min_chunk_tokens:
         refusal = (f"--chunk_tokens {cfg.chunk_tokens} is under --min_chunk_tokens {cfg.min_chunk_tokens}: no chunk "
                    "would be sampled")
-    if refusal:  # one line on rank 0, exit status 2 on every rank (each computed the same)
-        if env.master:
-            print(refusal, file=sys.stderr, flush=True)
-        longpo.teardown_distributed()
-        sys.exit(2)
+    if refusal:  # every rank computed the same: run_script prints it once, exit status 2
+        raise SystemExit(refusal)
     if cfg.chunk_tokens == 0:
         cfg.chunk_tokens = longest  # resolved here, so that the parts' config records the size the data used
         longpo.print0(f"--chunk_tokens {longest} from πS's window: {budgets}")
