@@ -1019,7 +1019,7 @@ def test_default_chunk_size_fits_the_window_with_prompt_and_response(tiny_models
                            (["--max_new_tokens", "300"], f"πS's window leaves {left} tokens for a chunk, under "
                                                          "--min_chunk_tokens 128: max_position_embeddings")):
         with pytest.raises(SystemExit) as e:
-            G.main(base + extra)
+            longpo.run_script(G.main, base + extra)  # as the command line runs it
         last = capsys.readouterr().err.splitlines()[-1]  # (above it, transformers' loading bar)
         assert e.value.code == 2 and last.startswith(message), last
         assert not os.path.exists(str(out) + ".parts")
