@@ -172,8 +172,8 @@ def _measure_step(spec, env):
     tok = AutoTokenizer.from_pretrained(spec["tokenizer"] or longpo.default_model_dir())
     config = AutoConfig.for_model("llama", vocab_size=len(tok), max_position_embeddings=262144, **spec["shape"])
     torch.manual_seed(0)
-    cfg = longpo.Config(grad_ckpt=True, logp_chunk=spec.get("logp_chunk", 128), lr=1e-6)  # small chunks: at
-    # these lengths a (1024, V) chunk of logits would outweigh the activations being compared
+    cfg = longpo.Config(grad_ckpt=True, logp_budget=spec.get("logp_budget", 128 * len(tok)), lr=1e-6)  # small chunks:
+    # at these lengths a (1024, V) chunk of logits would outweigh the activations being compared
     param_dtype, _ = longpo._dtype_of(cfg, env.device)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -306,7 +306,7 @@ def bench_gpu(lengths=(16384, 32768, 65536), shapes=("smollm2", "1b"), steps=2, 
             b = T // 32
             p = T - 2 * b
             spec = {"shape": SHAPES[shape], "prefix": p, "branch": b, "steps": steps, "tokenizer": tokenizer,
-                    "logp_chunk": 1024}
+                    "logp_budget": longpo.Config.logp_budget}
             res = {}
             for m in ("packed", "unshared"):  # in this process: CUDA's peak counter resets per measurement
                 res[m] = _measure_step({**spec, "mode": m}, env)
@@ -334,37 +334,55 @@ def current_rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _logits_run(spec):
-    """In a fresh process: forward + backward of the log-probs of T tokens over a V vocabulary, chunked or
-    through full (T, V) logits; returns the peak RSS above the level before."""
-    T, V, d = spec["T"], spec["V"], spec["d"]
-    torch.manual_seed(0)
-    h = torch.randn(T, d, requires_grad=True)
-    w = torch.randn(V, d, requires_grad=True)
-    y = torch.randint(0, V, (T,))
-    longpo.chunked_logps(h[:8], w[:16], y[:8] % 16).sum().backward()  # warm-up: the math libraries' own buffers
-    h.grad = w.grad = None
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    if spec["mode"] == "chunked":
-        lp = longpo.chunked_logps(h, w, y, spec["chunk"])
+def _logits_step(h, w, y, mode, budget):
+    """Forward + backward of the log-probs of T tokens over a V vocabulary, chunked or through full (T, V) logits."""
+    if mode == "chunked":
+        lp = longpo.chunked_logps(h, w, y, budget)
     else:
         lp = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
     lp.sum().backward()
-    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
-            "time_s": time.perf_counter() - t0}
+    h.grad = w.grad = None
 
 
-def logits_peak_mb(T, V, mode, d=64, chunk=1024):
-    return _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": mode, "chunk": chunk})["peak_mb"]
+def _logits_run(spec):
+    """In a fresh process: mode "full" or "chunked" returns the peak RSS of one step above the level before;
+    mode "time" returns both sides' step times, alternating, and the median of their pairwise ratios."""
+    T, V, d = spec["T"], spec["V"], spec["d"]
+    torch.manual_seed(0)
+    h = torch.randn(T, d, requires_grad=True)
+    # logits of std 3, a trained model's scale; plain randn's (std sqrt(d)) underflow to subnormal probabilities,
+    # which a CPU computes tens of times slower than normal floats, and time that instead of the head
+    w = (torch.randn(V, d) * 3 / d ** 0.5).requires_grad_()
+    y = torch.randint(0, V, (T,))
+    _logits_step(h[:8].detach().requires_grad_(), w[:16].detach().requires_grad_(), y[:8] % 16, "chunked",
+                 spec["budget"])  # warm-up: the math libraries' own buffers
+    if spec["mode"] != "time":
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _logits_step(h, w, y, spec["mode"], spec["budget"])
+        return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}
+    times = {"full": [], "chunked": []}
+    for r in range(spec["repeats"] + 1):  # round 0 warms both sides up and is not counted
+        for mode in (("full", "chunked") if r % 2 else ("chunked", "full")):  # the order alternates too
+            t0 = time.perf_counter()
+            _logits_step(h, w, y, mode, spec["budget"])
+            if r:
+                times[mode].append(time.perf_counter() - t0)
+    ratios = sorted(c / f for c, f in zip(times["chunked"], times["full"]))
+    return {"full_s": min(times["full"]), "chunked_s": min(times["chunked"]), "time_ratio": ratios[len(ratios) // 2]}
 
 
-def bench_logits_memory(T=8192, V=32768, d=576, chunk=1024):
-    """Peak memory of forward + backward of the token log-probs: chunked LM head against full logits."""
-    full = _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": "full", "chunk": chunk})
-    chunked = _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": "chunked", "chunk": chunk})
-    row = {"T": T, "V": V, "full_mb": full["peak_mb"], "chunked_mb": chunked["peak_mb"],
-           "ratio": chunked["peak_mb"] / full["peak_mb"], "full_s": full["time_s"], "chunked_s": chunked["time_s"]}
+def logits_peak_mb(T, V, mode, d=64, budget=longpo.Config.logp_budget):
+    return _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": mode, "budget": budget})["peak_mb"]
+
+
+def bench_logits_memory(T=8192, V=32768, d=576, budget=longpo.Config.logp_budget, repeats=3):
+    """Forward + backward of the token log-probs, chunked LM head against full logits: peak memory (one fresh
+    process a side) and time (both sides alternating in one process; time_ratio is chunked over full)."""
+    full, chunked = logits_peak_mb(T, V, "full", d, budget), logits_peak_mb(T, V, "chunked", d, budget)
+    times = _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": "time", "budget": budget, "repeats": repeats})
+    row = {"T": T, "V": V, "rows": max(1, budget // V), "full_mb": full, "chunked_mb": chunked,
+           "ratio": chunked / full, "full_s": times["full_s"], "chunked_s": times["chunked_s"],
+           "time_ratio": times["time_ratio"]}
     print_row(row)
     return [row]
 

@@ -107,8 +107,7 @@ def _sync(device):
 
 
 def _logits(model, hidden):
-    logits = model.lm_head(hidden)  # (B, V)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits upcast; float64 stays float64
+    return longpo.head_logits(hidden, model.lm_head.weight)  # (B, V) fp32 (float64 stays): never rounded to bf16
 
 
 def cache_kwargs(model, cache):

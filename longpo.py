@@ -79,7 +79,7 @@ class Config:
     seed: int = 0  # data order
     # parallelism and memory
     sp: int = 0  # sequence-parallel group size P; 0 = all ranks; dp = world / sp
-    logp_chunk: int = 1024  # tokens per LM-head chunk: no (T, V) logits tensor is ever built
+    logp_budget: int = 1 << 25  # logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never (T, V)
     grad_ckpt: bool = True  # activation checkpointing per decoder layer
     dtype: str = "auto"  # parameter dtype: auto = float32 master weights (bf16 compute on CUDA) | float64
     too_long: str = "skip"  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
@@ -346,45 +346,78 @@ def sum_over_sp(x):
 # log-probs, chunked over the LM head
 
 
-def _chunk_logps(h, weight, targets):
-    logits = h @ weight.T  # (chunk, V); upcast below keeps float64 in float64
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+def head_logits(h, weight):
+    """h @ weight.T with an fp32 (or fp64) result: bf16 inputs are upcast, so logits are never rounded to bf16."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    return h.to(acc) @ weight.to(acc).T  # (rows, V)
 
 
-def chunked_logps(hidden, weight, targets, chunk=1024):
-    """log softmax(hidden @ weight.T)[targets], chunk rows at a time. Each chunk is recomputed in backward
-    (checkpoint), so neither forward nor backward holds more than (chunk, V) logits. hidden (M, d) -> (M,)."""
-    from torch.utils.checkpoint import checkpoint
-    out = [checkpoint(_chunk_logps, hidden[i:i + chunk], weight, targets[i:i + chunk], use_reentrant=False)
-           for i in range(0, hidden.shape[0], chunk)]
-    return torch.cat(out) if out else hidden.sum(-1)  # (0,), still in the graph: this rank joins the backward
+class ChunkedLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[targets] without (M, V) logits: forward runs the head a chunk of rows at a
+    time and saves only each row's logsumexp (M,); backward recomputes each chunk's logits once and turns them
+    into softmax - onehot, which gives both gradients. Neither pass holds more than one chunk of logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.to(acc)  # one upcast copy per call, not per chunk (a no-op in fp32 and fp64)
+        out = hidden.new_empty(hidden.shape[0], dtype=acc)  # (M,)
+        lse = torch.empty_like(out)  # (M,)
+        for i in range(0, hidden.shape[0], rows):
+            logits = head_logits(hidden[i:i + rows], w)  # (rows, V)
+            lse[i:i + rows] = logits.logsumexp(-1)
+            out[i:i + rows] = logits.gather(-1, targets[i:i + rows, None])[:, 0] - lse[i:i + rows]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        rows, acc = ctx.rows, lse.dtype
+        w = weight.to(acc)
+        grad_hidden = torch.empty_like(hidden)  # (M, d)
+        grad_weight = torch.zeros_like(w)  # (V, d), summed over chunks in fp32
+        for i in range(0, hidden.shape[0], rows):
+            h, g, t = hidden[i:i + rows].to(acc), -grad[i:i + rows, None].to(acc), targets[i:i + rows]
+            p = torch.addmm(-lse[i:i + rows, None], h, w.T).exp_()  # (rows, V): softmax, from the saved logsumexp
+            p[torch.arange(len(t), device=p.device), t] -= 1  # softmax - onehot(t) = -d logp[t] / d logits: hence -g
+            grad_hidden[i:i + rows] = (p @ w) * g  # (rows, d); the row scale is applied to the (rows, d) sides,
+            grad_weight.addmm_(p.T, h * g)  # (V, d)      not to the (rows, V) chunk
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
+def chunked_logps(hidden, weight, targets, budget=Config.logp_budget):
+    """log softmax(hidden @ weight.T)[targets] in chunks of budget // V rows (budget: logit elements a chunk), with
+    fp32 logits whatever the parameter dtype. hidden (M, d), targets (M,) -> (M,); for M = 0, a (0,) tensor still in
+    the graph, so that a rank with no targets joins the backward (FSDP's reduce-scatter waits for every rank)."""
+    return ChunkedLogps.apply(hidden, weight, targets, max(1, budget // weight.shape[0]))
 
 
 class TokenLogps(nn.Module):
     """FSDP2 gathers a module's parameters only inside its forward, so the chunked LM head has to run inside
     one: this wrapper's forward is the decoder plus the chunked head, and it is the FSDP root."""
 
-    def __init__(self, model, chunk):
+    def __init__(self, model, budget):
         super().__init__()
-        self.model, self.chunk = model, chunk
+        self.model, self.budget = model, budget
 
     def forward(self, input_ids, position_ids, src, tgt, **layout):
         # input_ids, position_ids (1, T/P); src, tgt (M,): log π(tgt | hidden at local position src)
         hidden = self.model.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout)
         hidden = hidden.last_hidden_state[0]  # (T/P, d)
-        return chunked_logps(hidden.index_select(0, src), self.model.lm_head.weight, tgt, self.chunk)  # (M,)
+        return chunked_logps(hidden.index_select(0, src), self.model.lm_head.weight, tgt, self.budget)  # (M,)
 
 
 @torch.no_grad()
-def response_logps(model, tokenizer, messages, chunk=1024):
+def response_logps(model, tokenizer, messages, budget=Config.logp_budget):
     """log π(response i | everything before it) for each assistant turn of a rendered chat, summed over its
     tokens: (n,) float64. One forward of a plain (unsharded) model; the LM head runs in chunks."""
     ids, turns = render_chat(tokenizer, messages)
     device = next(model.parameters()).device
     x = torch.tensor(ids, device=device)[None]  # (1, T)
     hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[0, :-1]  # (T-1, d): position j predicts j+1
-    logps = chunked_logps(hidden, model.lm_head.weight, x[0, 1:], chunk).double()  # (T-1,)
+    logps = chunked_logps(hidden, model.lm_head.weight, x[0, 1:], budget).double()  # (T-1,)
     turn = torch.tensor(turns[1:], device=device)
     return torch.zeros(max(turns), dtype=torch.float64, device=device).index_add(0, turn[turn > 0] - 1,
                                                                                  logps[turn > 0])
@@ -967,7 +1000,7 @@ def build_policy(cfg, env, model):
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    policy = TokenLogps(model, cfg.logp_chunk)
+    policy = TokenLogps(model, cfg.logp_budget)
     if dist.is_initialized():
         param_dtype, compute_dtype = _dtype_of(cfg, env.device)
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
@@ -1140,7 +1173,7 @@ def train(cfg):
             raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
     for name, ok in (("beta", cfg.beta > 0), ("lam", cfg.lam >= 0), ("nll_weight", cfg.nll_weight >= 0),
                      ("lr", cfg.lr > 0), ("global_batch", cfg.global_batch >= 1), ("epochs", cfg.epochs >= 1),
-                     ("save_every", cfg.save_every >= 1), ("logp_chunk", cfg.logp_chunk >= 1),
+                     ("save_every", cfg.save_every >= 1), ("logp_budget", cfg.logp_budget >= 1),
                      ("max_len", cfg.max_len >= 2), ("warmup_steps", cfg.warmup_steps >= 0),
                      ("warmup_ratio", 0 <= cfg.warmup_ratio <= 1),
                      ("max_bad_steps", cfg.max_bad_steps >= 1), ("weight_decay", cfg.weight_decay >= 0),

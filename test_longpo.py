@@ -58,13 +58,13 @@ def make_tokenizer(path):
     return fast
 
 
-def make_model(path, family="mistral", heads=4, kv_heads=2, layers=2, hidden=32, seed=0, **extra):
+def make_model(path, family="mistral", heads=4, kv_heads=2, layers=2, hidden=32, seed=0, tied=False, **extra):
     """A tiny random causal LM of a supported family, saved as a HF directory with the test tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
     tok = make_tokenizer(path)
     config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                  head_dim=hidden // heads, max_position_embeddings=4096, tie_word_embeddings=False,
+                                  head_dim=hidden // heads, max_position_embeddings=4096, tie_word_embeddings=tied,
                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                   bos_token_id=tok.bos_token_id, **extra)
     torch.manual_seed(seed)
@@ -96,9 +96,10 @@ def make_records(path, n=6, turns=(1, 3), doc_words=(120, 240), resp_words=(3, 2
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A tiny Mistral and six records for it."""
+    """A tiny Mistral, the same with its LM head tied to the embedding, and six records for them."""
     d = tmp_path_factory.mktemp("tiny")
     make_model(str(d / "model"))
+    make_model(str(d / "tied"), tied=True)
     make_records(str(d / "data.jsonl"))
     return d
 
@@ -184,7 +185,7 @@ def worker(spec_path):
         model, tok = longpo.load_model(case["model"], torch.float64, "longpo", 0, 0)
         data = longpo.prepare_data(cfg, tok, env)
         if case["mode"] == "sp":  # sequence parallel alone: sum the partial gradients by hand
-            policy = longpo.TokenLogps(model, cfg.logp_chunk)
+            policy = longpo.TokenLogps(model, cfg.logp_budget)
             rec, packed = longpo.load_example(cfg, tok, data[case["record"]])
             loss, _ = longpo.record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device)
             turn_sums, nll_sum = longpo.sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
@@ -281,24 +282,56 @@ def test_render_chat_masks_responses(tiny):
 
 
 def test_chunked_logps_equal_full_logits():
+    """Values and both gradients of the one-Function head against log_softmax + gather over full logits, in
+    float64: chunks of budget // V = 8 rows, the last one short, a random upstream gradient of either sign."""
     torch.manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 50, (37,))
-    got = longpo.chunked_logps(h, w, y, chunk=8)
+    got = longpo.chunked_logps(h, w, y, budget=8 * 50 + 49)
     full = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None])[:, 0]
+    assert got.dtype == torch.float64
     torch.testing.assert_close(got, full, rtol=1e-13, atol=0)
-    g1 = torch.autograd.grad((got * torch.arange(37)).sum(), (h, w))
-    g2 = torch.autograd.grad((full * torch.arange(37)).sum(), (h, w))
+    upstream = torch.randn(37, dtype=torch.float64)
+    g1 = torch.autograd.grad((got * upstream).sum(), (h, w))
+    g2 = torch.autograd.grad((full * upstream).sum(), (h, w))
     for x, z in zip(g1, g2):
-        torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-12)
+    a, b = h[:9].detach().requires_grad_(), w[:7].detach().requires_grad_()
+    for budget in (1, 2 * 7, 10**6):  # one row a chunk, two, and everything in one chunk
+        assert torch.autograd.gradcheck(lambda a, b: longpo.chunked_logps(a, b, y[:9] % 7, budget), (a, b))
+    empty = longpo.chunked_logps(h[:0], w, y[:0])  # a rank with no targets still joins the backward, with zeros
+    assert empty.shape == (0,) and torch.equal(torch.autograd.grad(empty.sum(), w)[0], torch.zeros_like(w))
+
+
+def test_head_logits_are_not_rounded_to_bf16():
+    """With bf16 parameters the head's log-probs are those of the fp32 product of the same bf16 values, to fp32
+    rounding, where logits rounded to bf16 before the log-softmax are off by about a hundredth of a nat."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 64).bfloat16().requires_grad_()
+    w = (torch.randn(500, 64) * 0.4).bfloat16().requires_grad_()  # logits of std 3, a trained model's scale
+    y = torch.randint(0, 500, (300,))
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = torch.log_softmax(hd @ wd.T, -1).gather(-1, y[:, None])[:, 0]  # float64 of the same bf16 values
+    got = longpo.chunked_logps(h, w, y, budget=64 * 500)
+    rounded = torch.log_softmax((h @ w.T).float(), -1).gather(-1, y[:, None])[:, 0]  # the old path
+    assert got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() < 1e-4
+    assert (rounded.double() - exact).abs().max() > 1e-2
+    # the gradients come back in the parameters' dtype, equal to the exact ones to bf16 rounding
+    gh, gw = torch.autograd.grad(got.sum(), (h, w))
+    ref = torch.autograd.grad(exact.sum(), (hd, wd))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    for x, z in zip((gh, gw), ref):
+        torch.testing.assert_close(x.double(), z, rtol=1e-2, atol=1e-2 * z.abs().max().item())
 
 
 def test_chunked_logps_memory_does_not_grow_with_T_times_V():
     """Peak RSS added by forward + backward of the log-probs, measured in fresh processes."""
     V = 16384
     full = bench.logits_peak_mb(4096, V, "full")
-    small, large = bench.logits_peak_mb(1024, V, "chunked", chunk=256), bench.logits_peak_mb(4096, V, "chunked", chunk=256)
+    small = bench.logits_peak_mb(1024, V, "chunked", budget=256 * V)
+    large = bench.logits_peak_mb(4096, V, "chunked", budget=256 * V)
     logits_mb = 4096 * V * 4 / 2**20  # 256 MB of fp32 logits at T = 4096
     assert full > logits_mb  # the full path holds at least one (T, V) tensor
     assert large < 0.25 * full  # the chunked path holds a few (256, V) tensors at a time
@@ -323,11 +356,11 @@ def packed_against_oracle(model_dir, data, kind="longpo", before_sums=lambda: No
     """Prefix sharing at P = 1 against the unshared oracle in float64: per-turn log-probs, NLL, loss and every
     gradient. before_sums runs just before the last forward (the per-turn sums). Returns (model, packed)."""
     exact_rmsnorm()
-    cfg = longpo.Config(data=data, max_len=4096, logp_chunk=7, loss=kind)
+    cfg = longpo.Config(data=data, max_len=4096, logp_budget=7 * 320, loss=kind)  # 7-row chunks of the 320 vocabulary
     model, tok = longpo.load_model(model_dir, torch.float64, "longpo")
     ref_model = longpo.load_model(model_dir, torch.float64, "sdpa")[0]
     (rec, packed), = examples(cfg, tok)
-    policy = longpo.TokenLogps(model, cfg.logp_chunk)
+    policy = longpo.TokenLogps(model, cfg.logp_budget)
     loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
     loss.backward()
     want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
@@ -418,7 +451,7 @@ def test_sequence_parallel_equals_one_process(families, tmp_path, P):
     models, records = families
     combos = [("mistral", "1turn"), ("llama", "4turns"), ("qwen2", "uneven"), ("llama", "uneven")]
     cases = [{"mode": "sp", "model": models[m], "record": 0,
-              "cfg": {"data": records[r], "max_len": 4096, "logp_chunk": 7, "sp": P, "dtype": "float64"}}
+              "cfg": {"data": records[r], "max_len": 4096, "logp_budget": 7 * 320, "sp": P, "dtype": "float64"}}
              for m, r in combos]
     results = run_worker(tmp_path, P, cases)
     lengths = []
@@ -440,24 +473,28 @@ def test_sequence_parallel_equals_one_process(families, tmp_path, P):
 @pytest.mark.parametrize("nproc,sp", [(2, 1), (4, 2)])
 def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
     """dp = 2, and dp = 2 x sp = 2: FSDP2 gradients (sum over sp, mean over dp), their norm, and the weights
-    after one Adam step equal one process's."""
+    after one Adam step equal one process's; also with the LM head tied to the embedding, whose gradient then
+    sums the head's and the embedding's."""
     exact_rmsnorm()
-    cfgd = {"data": str(tiny / "data.jsonl"), "max_len": 4096, "logp_chunk": 64, "sp": sp, "dtype": "float64",
-            "global_batch": 4, "lr": 1e-3}
-    got, = run_worker(tmp_path, nproc, [{"mode": "fsdp", "model": str(tiny / "model"), "cfg": cfgd}])
-    cfg = longpo.Config(**cfgd)
-    ref_model, tok = longpo.load_model(str(tiny / "model"), torch.float64, "sdpa")
-    records = [r for r, _ in examples(cfg, tok)]
-    want, _, _ = oracle(ref_model, tok, [records[i] for i in got["order"]], cfg)
-    want.backward()
-    norm = torch.nn.utils.clip_grad_norm_(list(ref_model.parameters()), float("inf"))
-    assert got["norm"].item() == pytest.approx(norm.item(), rel=1e-8)
-    for name, p in ref_model.named_parameters():
-        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-7, atol=1e-11, msg=name)
-    torch.optim.Adam(ref_model.parameters(), lr=1e-3).step()
-    for name, p in ref_model.named_parameters():
-        torch.testing.assert_close(got["weights"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
-
+    cfgd = {"data": str(tiny / "data.jsonl"), "max_len": 4096, "logp_budget": 64 * 320, "sp": sp,
+            "dtype": "float64", "global_batch": 4, "lr": 1e-3}
+    names = ("model", "tied")
+    results = run_worker(tmp_path, nproc, [{"mode": "fsdp", "model": str(tiny / m), "cfg": cfgd} for m in names])
+    for m, got in zip(names, results):
+        cfg = longpo.Config(**cfgd)
+        ref_model, tok = longpo.load_model(str(tiny / m), torch.float64, "sdpa")
+        assert (ref_model.lm_head.weight is ref_model.model.embed_tokens.weight) == (m == "tied")
+        records = [r for r, _ in examples(cfg, tok)]
+        want, _, _ = oracle(ref_model, tok, [records[i] for i in got["order"]], cfg)
+        want.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(ref_model.parameters()), float("inf"))
+        assert got["norm"].item() == pytest.approx(norm.item(), rel=1e-8)
+        assert got["grads"].keys() == dict(ref_model.named_parameters()).keys()
+        for name, p in ref_model.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-7, atol=1e-11, msg=name)
+        torch.optim.Adam(ref_model.parameters(), lr=1e-3).step()
+        for name, p in ref_model.named_parameters():
+            torch.testing.assert_close(got["weights"][name], p.detach(), rtol=1e-9, atol=1e-12, msg=name)
 
 
 # -----------------------------------------------------------------------------
@@ -466,7 +503,7 @@ def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
 
 def train_args(tiny, out, *extra):
     return ["longpo.py", "--data", tiny / "data.jsonl", "--model", tiny / "model", "--out", out, "--max_len", 4096,
-            "--global_batch", 2, "--epochs", 2, "--lr", 1e-3, "--logp_chunk", 64, *extra]
+            "--global_batch", 2, "--epochs", 2, "--lr", 1e-3, "--logp_budget", 64 * 320, *extra]
 
 
 def load_weights(path):
@@ -840,6 +877,29 @@ def test_cached_decoding_equals_full_recomputation(tiny_models):
             logits = model(full).logits[0]  # (T, V)
         for k, step_logits in enumerate(steps):  # step k fed toks[k]; its logits predict toks[k + 1]
             torch.testing.assert_close(step_logits[b].double(), logits[len(p) + k], rtol=1e-9, atol=1e-9)
+
+
+def test_bf16_sampler_logits_are_not_rounded(tiny_models, monkeypatch):
+    """With bf16 parameters the sampler's logits are the product of its bf16 hidden states and head weight in fp32,
+    not rounded to bf16, and its greedy tokens are that product's argmax at every step (float64 as the oracle)."""
+    model, tok = load(tiny_models["llama"], torch.bfloat16)
+    seen, orig = [], G._logits
+
+    def spy(model_, hidden):
+        logits = orig(model_, hidden)
+        seen.append((hidden, logits))
+        return logits
+
+    monkeypatch.setattr(G, "_logits", spy)
+    res = G.generate_tokens(model, prompts_of(tok, (9, 20), seed=3), [], 8)
+    assert len(seen) == 8  # the prefill's logits, then 7 decode steps'
+    w = model.lm_head.weight.detach()
+    for k, (hidden, logits) in enumerate(seen):  # step k's logits chose token k of every row
+        exact = hidden.double() @ w.double().T  # (B, V)
+        assert logits.dtype == torch.float32 and (logits.double() - exact).abs().max() < 1e-5
+        assert [toks[k] for toks, _ in res] == exact.argmax(-1).tolist()
+        with torch.no_grad():
+            assert (model.lm_head(hidden).double() - exact).abs().max() > 1e-3  # what rounding to bf16 costs
 
 
 def test_sampler_builds_no_autograd_graph(tiny_models):
@@ -1614,7 +1674,7 @@ def test_end_to_end_generate_train_eval(pipeline, tmp_path):
     out = tmp_path / "run"
     # --max_len bounds the document in generate.py, the whole multi-turn sequence in longpo.py
     log = torchrun(2, "longpo.py", "--data", data, "--model", path, "--out", out, "--max_len", 4096,
-                   "--global_batch", 1, "--max_steps", 2, "--lr", 1e-3, "--logp_chunk", 64, "--rope_theta", 0)
+                   "--global_batch", 1, "--max_steps", 2, "--lr", 1e-3, "--logp_budget", 64 * 320, "--rope_theta", 0)
     assert "was written by" not in log  # generate.py's meta.model names the model trained here
     metrics = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2]
