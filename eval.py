@@ -404,7 +404,7 @@ def response_logprobs(model, ids, turns):
     x = torch.tensor(ids, device=device)[None]  # (1, T)
     keep = torch.tensor(turns[1:], device=device) > 0  # (T-1,): position j predicts token j+1, a response token
     hidden = model.model(input_ids=x, use_cache=False).last_hidden_state[0, :-1][keep]  # (R, d)
-    return model.lm_head(hidden).float().log_softmax(-1), x[0, 1:][keep]  # (R, V), (R,)
+    return longpo.head_logits(hidden, model.lm_head.weight).log_softmax(-1), x[0, 1:][keep]  # (R, V) fp32, (R,)
 
 
 def short_context(model, tokenizer, pairs, base=None):
