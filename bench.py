@@ -189,10 +189,10 @@ def _measure_step(spec, env):
     tokens = sum(s["input_ids"].numel() for s in seqs)
 
     def step():
-        sums = [longpo.sequence_sums(policy, s, env.sp, env.sp_rank, env.device) for s in seqs]
+        sums = [longpo.sequence_sums(policy, s, env) for s in seqs]
         n = seqs[0]["n"]
         a, b = (sums[0][0][:n], sums[0][0][n:]) if len(seqs) == 1 else (sums[0][0], sums[1][0])
-        nll = sums[0][1] / int(seqs[0]["in_first"].sum())
+        nll = sums[0][1] / int(seqs[0]["nll_mask"].sum())
         ref = torch.tensor([-50.0], device=env.device, dtype=a.dtype)
         loss = longpo.longpo_loss(a[None], b[None], ref[None], ref[None], torch.ones(1, n, dtype=torch.bool,
                                   device=env.device), nll[None])[0].sum()

@@ -200,7 +200,7 @@ def head_shares(num_q, num_kv, P):
     return q_idx, kv_idx, q_to_kv
 
 
-def _seq_to_heads(x, shares, group):
+def _to_heads(x, shares, group):
     # (B, H, T/P, D) -> (B, h_me, T, D): rank j receives heads shares[j] of every rank's slice
     P, me = len(shares), dist.get_rank(group)
     B, _, Tl, D = x.shape
@@ -212,8 +212,8 @@ def _seq_to_heads(x, shares, group):
     return recv.view(P, h_me, B, Tl, D).permute(2, 1, 0, 3, 4).reshape(B, h_me, P * Tl, D)  # (B, h_me, T, D)
 
 
-def _heads_to_seq(y, shares, group, num_heads):
-    # (B, h_me, T, D) -> (B, H, T/P, D); heads that two ranks held are summed (the adjoint of _seq_to_heads)
+def _to_seq(y, shares, group, num_heads):
+    # (B, h_me, T, D) -> (B, H, T/P, D); heads that two ranks held are summed (the adjoint of _to_heads)
     P = len(shares)
     B, h_me, T, D = y.shape
     Tl = T // P
@@ -231,13 +231,23 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shares, group, to_heads, num_heads):
         ctx.shares, ctx.group, ctx.to_heads, ctx.num_heads = shares, group, to_heads, x.shape[1]
-        return _seq_to_heads(x, shares, group) if to_heads else _heads_to_seq(x, shares, group, num_heads)
+        return _to_heads(x, shares, group) if to_heads else _to_seq(x, shares, group, num_heads)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.to_heads:
-            return _heads_to_seq(grad.contiguous(), ctx.shares, ctx.group, ctx.num_heads), None, None, None, None
-        return _seq_to_heads(grad.contiguous(), ctx.shares, ctx.group), None, None, None, None
+            return _to_seq(grad.contiguous(), ctx.shares, ctx.group, ctx.num_heads), None, None, None, None
+        return _to_heads(grad.contiguous(), ctx.shares, ctx.group), None, None, None, None
+
+
+def seq_to_heads(x, shares, group):
+    """(B, H, T/P, D) sequence-sharded -> (B, h_me, T, D): this rank's share of the heads over all positions."""
+    return AllToAll.apply(x, shares, group, True, x.shape[1])
+
+
+def heads_to_seq(y, shares, group, num_heads):
+    """(B, h_me, T, D) -> (B, num_heads, T/P, D): back to sequence shards; the inverse exchange of seq_to_heads."""
+    return AllToAll.apply(y, shares, group, False, num_heads)
 
 
 # -----------------------------------------------------------------------------
@@ -286,9 +296,9 @@ def ulysses_attention(module, query, key, value, attention_mask=None, scaling=No
     num_q, num_kv = query.shape[1], key.shape[1]
     q_idx, kv_idx, q_to_kv = head_shares(num_q, num_kv, P)
     if P > 1:
-        query = AllToAll.apply(query, q_idx, SP_GROUP, True, num_q)  # (B, Hq, T/P, D) -> (B, hq_me, T, D)
-        key = AllToAll.apply(key, kv_idx, SP_GROUP, True, num_kv)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
-        value = AllToAll.apply(value, kv_idx, SP_GROUP, True, num_kv)
+        query = seq_to_heads(query, q_idx, SP_GROUP)  # (B, Hq, T/P, D) -> (B, hq_me, T, D)
+        key = seq_to_heads(key, kv_idx, SP_GROUP)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
+        value = seq_to_heads(value, kv_idx, SP_GROUP)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
     me = dist.get_rank(SP_GROUP) if P > 1 else 0
     T = query.shape[2]
     p = kwargs.get("prefix_len", T)
@@ -297,18 +307,20 @@ def ulysses_attention(module, query, key, value, attention_mask=None, scaling=No
     if window is not None and window < p + max(c, r):
         raise ValueError(f"sliding_window={window} is shorter than the sequence ({p + max(c, r)} positions); "
                          "load the model with sliding_window=None (load_model does)")
-    a, b = p + c, p + c + r
-    out = _attend(query[:, :, :a], key[:, :, :a], value[:, :, :a], q_to_kv[me], scaling, False)  # [prefix | chosen]
+    chosen_end, rejected_end = p + c, p + c + r  # [0, p) prefix, [p, chosen_end) chosen, then rejected
+    out = _attend(query[:, :, :chosen_end], key[:, :, :chosen_end], value[:, :, :chosen_end], q_to_kv[me], scaling,
+                  lower_right=False)  # (B, hq_me, p + c, D): [prefix | chosen], causal
     parts = [out]
     if r:  # rejected queries see the prefix and the rejected branch, never the chosen branch
-        k_r = torch.cat([key[:, :, :p], key[:, :, a:b]], 2)  # (B, hkv, p + r, D)
-        v_r = torch.cat([value[:, :, :p], value[:, :, a:b]], 2)
-        parts.append(_attend(query[:, :, a:b], k_r, v_r, q_to_kv[me], scaling, True))
-    if b < T:  # right padding to a multiple of P: attends to nothing, read by nothing
-        parts.append(query.new_zeros(*query.shape[:2], T - b, query.shape[3]))
+        k_r = torch.cat([key[:, :, :p], key[:, :, chosen_end:rejected_end]], 2)  # (B, hkv_me, p + r, D)
+        v_r = torch.cat([value[:, :, :p], value[:, :, chosen_end:rejected_end]], 2)  # (B, hkv_me, p + r, D)
+        parts.append(_attend(query[:, :, chosen_end:rejected_end], k_r, v_r, q_to_kv[me], scaling,
+                             lower_right=True))  # (B, hq_me, r, D)
+    if rejected_end < T:  # right padding to a multiple of P: attends to nothing, read by nothing
+        parts.append(query.new_zeros(*query.shape[:2], T - rejected_end, query.shape[3]))
     out = torch.cat(parts, 2)  # (B, hq_me, T, D)
     if P > 1:
-        out = AllToAll.apply(out, q_idx, SP_GROUP, False, num_q)  # (B, hq_me, T, D) -> (B, Hq, T/P, D)
+        out = heads_to_seq(out, q_idx, SP_GROUP, num_q)  # (B, hq_me, T, D) -> (B, Hq, T/P, D)
     return out.transpose(1, 2), None  # (B, T/P, Hq, D)
 
 
@@ -530,37 +542,51 @@ def short_messages(record, i, response):
     return [record["document"][s:e] + "\n\n" + t["instruction"], response]
 
 
+def render_branches(tokenizer, record, branches=("chosen", "rejected")):
+    """The long chat of each branch rendered (render_chat), and the length p of the prefix they share (template,
+    document, I^1): no tensors, so that lengths can be measured cheaply. Raises ValueError when the branches do
+    not share their prefix."""
+    seqs = [render_chat(tokenizer, long_messages(record, b)) for b in branches]
+    p = seqs[0][1].index(1)  # the first response token: everything before it is the shared prefix
+    for ids, turns in seqs[1:]:
+        if ids[:p] != seqs[0][0][:p] or turns.index(1) != p:
+            raise ValueError(f"record {record.get('id')}: chosen and rejected do not share the prefix")
+    return seqs, p
+
+
 def pack_record(tokenizer, record, branches=("chosen", "rejected")):
     """One record -> one packed sequence [prefix | branch 1 | branch 2]. The prefix (template, document, I^1)
-    is shared; branch 2's positions continue from the prefix. Returns a dict of tensors:
-      input_ids, position_ids (T,); src, tgt, bucket (M,): position src predicts token tgt, and its log-prob is
-      added to per-turn sum bucket (0..n-1 branch 1, n..2n-1 branch 2, -1 none); in_first (M,) marks the
-      predictions of branch 1's whole sequence (L_NLL of Eq. 14 runs over them); lengths p, c, r."""
+    is shared; branch 2's positions continue from the prefix. Returns a dict:
+      input_ids, position_ids (T,); src, tgt, turn_idx (M,): position src predicts token tgt, and its log-prob
+      is added to per-turn sum turn_idx (0..n-1 branch 1, n..2n-1 branch 2, -1 none); nll_mask (M,) marks the
+      predictions of branch 1's whole sequence (L_NLL of Eq. 14 runs over them); prefix_len, chosen_len,
+      rejected_len, the attention layout (branch 1 is called chosen); n turns; ref (2, n) float64: the stored
+      log πS(y_S^i | C_S^i, I^i) and log πS(y_L^i | C_S^i, I^i) of Eq. 13 (DPO overwrites it), or None."""
     n = len(record["turns"])
-    seqs = [render_chat(tokenizer, long_messages(record, b)) for b in branches]
+    seqs, p = render_branches(tokenizer, record, branches)
     ids1, turn1 = seqs[0]
-    p = turn1.index(1)  # the first response token: everything before it is the shared prefix
-    src, tgt, bucket = list(range(len(ids1) - 1)), ids1[1:], [t - 1 for t in turn1[1:]]
-    in_first = [True] * (len(ids1) - 1)
+    src, tgt, turn_idx = list(range(len(ids1) - 1)), ids1[1:], [t - 1 for t in turn1[1:]]
+    nll_mask = [True] * (len(ids1) - 1)
     input_ids, position_ids = list(ids1), list(range(len(ids1)))
     r = 0
     if len(seqs) > 1:
         ids2, turn2 = seqs[1]
-        if ids2[:p] != ids1[:p] or turn2.index(1) != p:
-            raise ValueError(f"record {record.get('id')}: chosen and rejected do not share the prefix")
         r = len(ids2) - p
         for j in range(p, len(ids2)):  # the last prefix position predicts the first token of both branches
             src.append(p - 1 if j == p else len(ids1) + j - 1 - p)
             tgt.append(ids2[j])
-            bucket.append(n + turn2[j] - 1 if turn2[j] else -1)
-            in_first.append(False)
+            turn_idx.append(n + turn2[j] - 1 if turn2[j] else -1)
+            nll_mask.append(False)
         input_ids += ids2[p:]
         position_ids += list(range(p, len(ids2)))
+    has_ref = all("ref_chosen_logp" in t for t in record["turns"])
+    ref = torch.tensor([[t["ref_chosen_logp"] for t in record["turns"]],
+                        [t["ref_rejected_logp"] for t in record["turns"]]], dtype=torch.float64) if has_ref else None
     L = torch.long
     return dict(input_ids=torch.tensor(input_ids, dtype=L), position_ids=torch.tensor(position_ids, dtype=L),
-                src=torch.tensor(src, dtype=L), tgt=torch.tensor(tgt, dtype=L), bucket=torch.tensor(bucket, dtype=L),
-                in_first=torch.tensor(in_first), p=p, c=len(ids1) - p, r=r, n=n,
-                max_seq=max(len(s[0]) for s in seqs))
+                src=torch.tensor(src, dtype=L), tgt=torch.tensor(tgt, dtype=L),
+                turn_idx=torch.tensor(turn_idx, dtype=L), nll_mask=torch.tensor(nll_mask),
+                prefix_len=p, chosen_len=len(ids1) - p, rejected_len=r, n=n, ref=ref)
 
 
 class InputError(ValueError):
@@ -774,43 +800,44 @@ def shard_packed(packed, P, rank, device):
     Tp = -(-T // P) * P
     Tl = Tp // P
     pad = Tp - T
-    ids = F.pad(packed["input_ids"], (0, pad))
+    ids = F.pad(packed["input_ids"], (0, pad))  # (Tp,)
     last = int(packed["position_ids"][-1]) + 1  # pad positions continue the last one; they are read by nothing
-    pos = torch.cat([packed["position_ids"], torch.arange(last, last + pad)])
+    pos = torch.cat([packed["position_ids"], torch.arange(last, last + pad)])  # (Tp,)
     lo, hi = rank * Tl, (rank + 1) * Tl
-    keep = (packed["src"] >= lo) & (packed["src"] < hi)
-    return dict(input_ids=ids[lo:hi][None].to(device), position_ids=pos[lo:hi][None].to(device),
-                src=(packed["src"][keep] - lo).to(device), tgt=packed["tgt"][keep].to(device),
-                bucket=packed["bucket"][keep].to(device), in_first=packed["in_first"][keep].to(device))
+    keep = (packed["src"] >= lo) & (packed["src"] < hi)  # (M,)
+    return dict(input_ids=ids[lo:hi][None].to(device), position_ids=pos[lo:hi][None].to(device),  # (1, T/P)
+                src=(packed["src"][keep] - lo).to(device), tgt=packed["tgt"][keep].to(device),  # (M_local,)
+                turn_idx=packed["turn_idx"][keep].to(device), nll_mask=packed["nll_mask"][keep].to(device))
 
 
-def sequence_sums(policy, packed, P, sp_rank, device):
+LAYOUT = ("prefix_len", "chosen_len", "rejected_len")  # what the attention function reads from model(...)
+
+
+def sequence_sums(policy, packed, env):
     """Per-turn response log-prob sums for both branches and the NLL sum over branch 1's whole sequence,
     summed over the sp group: returns (2n,) turn sums and a scalar NLL sum."""
-    s = shard_packed(packed, P, sp_rank, device)
+    s = shard_packed(packed, env.sp, env.sp_rank, env.device)
     logps = policy(s["input_ids"], s["position_ids"], s["src"], s["tgt"],
-                   prefix_len=packed["p"], chosen_len=packed["c"], rejected_len=packed["r"])  # (M_local,)
+                   **{k: packed[k] for k in LAYOUT})  # (M_local,)
     n = packed["n"]
-    has = s["bucket"] >= 0
-    turn_sums = logps.new_zeros(2 * n).index_add(0, s["bucket"][has], logps[has])  # (2n,)
-    nll_sum = -(logps * s["in_first"]).sum()[None]  # (1,)
-    total = sum_over_sp(torch.cat([turn_sums, nll_sum]))  # partial sums -> the whole sequence's, on every rank
+    has = s["turn_idx"] >= 0
+    turn_sums = logps.new_zeros(2 * n).index_add(0, s["turn_idx"][has], logps[has])  # (2n,): Σ over each turn
+    nll_sum = -(logps * s["nll_mask"]).sum()[None]  # (1,)
+    total = sum_over_sp(torch.cat([turn_sums, nll_sum]))  # (2n + 1,) partial sums -> the whole sequence's
     return total[:2 * n], total[2 * n]
 
 
-def record_loss(cfg, policy, packed, record, P, sp_rank, device, ref=None):
-    """The configured loss of one record, and its metrics."""
+def record_loss(cfg, policy, packed, env):
+    """The configured loss of one packed record, and its metrics."""
     n = packed["n"]
-    turn_sums, nll_sum = sequence_sums(policy, packed, P, sp_rank, device)
+    turn_sums, nll_sum = sequence_sums(policy, packed, env)
     if cfg.loss == "sft":
-        response_tokens = int((packed["bucket"] >= 0).sum())
-        loss = sft_loss(turn_sums[:n].sum(), response_tokens)
+        loss = sft_loss(turn_sums[:n].sum(), int((packed["turn_idx"] >= 0).sum()))
         return loss, {"loss": loss.item(), "nll": loss.item()}
-    if ref is None:
-        ref = [[t["ref_chosen_logp"] for t in record["turns"]], [t["ref_rejected_logp"] for t in record["turns"]]]
-    ref = torch.tensor(ref, dtype=turn_sums.dtype, device=device)  # (2, n)
-    nll = nll_sum / int(packed["in_first"].sum())  # Eq. 14: L_NLL = -log πθ(S_L) / |S_L|
-    mask = torch.ones(1, n, dtype=torch.bool, device=device)
+    ref = packed["ref"].to(turn_sums.dtype).to(env.device)  # (2, n)
+    nll = nll_sum / int(packed["nll_mask"].sum())  # Eq. 14: L_NLL = -log πθ(S_L) / |S_L|
+    mask = torch.ones(1, n, dtype=torch.bool, device=env.device)
+    # Eq. 13 (Eq. 12 when n = 1: the log Σ over one turn is its log-prob)
     loss, l_mt, rc, rr = longpo_loss(turn_sums[None, :n], turn_sums[None, n:], ref[None, 0], ref[None, 1], mask,
                                      nll[None], cfg.beta, cfg.lam, cfg.nll_weight, cfg.turn_agg)
     return loss[0], {"loss": loss.item(), "l_mt": l_mt.item(), "nll": nll.item(), "reward_chosen": rc.item(),
@@ -1055,6 +1082,17 @@ def load_example(cfg, tokenizer, entry, branches=None):
         raise InputError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
 
 
+def record_tokens(cfg, tokenizer, entry):
+    """The longer of a record's two long sequences, in tokens, rendered as training renders them (both branches
+    whatever the loss: the baselines skip the same records as LongPO); no tensors built."""
+    rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
+    try:
+        seqs, _ = render_branches(tokenizer, rec)
+    except ValueError as e:
+        raise InputError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
+    return max(len(ids) for ids, _ in seqs)
+
+
 def special_field(rec, tokenizer):
     """' (field X)' for the first field of a record holding a special token's string, or ''."""
     specials = special_token_strings(tokenizer)
@@ -1073,12 +1111,10 @@ def prepare_data(cfg, tokenizer, env=None):
     for k in range(rank, len(lines), world):
         entry = {"offset": lines[k][0], "line": lines[k][1]}
         try:
-            # both branches measured whatever the loss: the baselines skip the same records as LongPO
-            _, packed = load_example(cfg, tokenizer, entry, ("chosen", "rejected"))
+            mine.append({**entry, "tokens": record_tokens(cfg, tokenizer, entry)})
         except ValueError as e:
             error = (entry["line"], str(e))
             break
-        mine.append({**entry, "tokens": packed["max_seq"]})
     parts = [(mine, error)]
     if world > 1:
         parts = [None] * world
@@ -1127,8 +1163,8 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     # world); a group past the end repeats its last record and discards the result
     for k in range(-(-len(data) // env.dp)):
         i = min(k * env.dp + env.dp_rank, len(data) - 1)
-        rec, packed = load_example(cfg, tokenizer, data[i])
-        turn_sums, _ = sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
+        _, packed = load_example(cfg, tokenizer, data[i])
+        turn_sums, _ = sequence_sums(policy, packed, env)  # Eq. 4 (DPO): log π_ref(y | x_L), π_ref = initial πθ
         n = packed["n"]
         mine[str(i)] = [turn_sums[:n].tolist(), turn_sums[n:].tolist()]
     gathered = [mine]
@@ -1148,9 +1184,10 @@ def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
     Returns the summed metrics and the number of tokens processed."""
     sums, tokens = {}, 0
     for i in indices:
-        rec, packed = load_example(cfg, tokenizer, data[i])
-        loss, m = record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device,
-                              ref[str(i)] if ref is not None else None)
+        _, packed = load_example(cfg, tokenizer, data[i])
+        if ref is not None:  # DPO: the initial policy's log-probs on x_L stand in for πS's on x_S
+            packed["ref"] = torch.tensor(ref[str(i)], dtype=torch.float64)  # (2, n)
+        loss, m = record_loss(cfg, policy, packed, env)
         # FSDP averages gradients over all `world` ranks, but the sp ranks of a group hold parts of one
         # sequence, whose gradients must be summed: scaling by sp turns the average into sum-over-sp,
         # mean-over-dp. (Adam is blind to a constant factor; the gradient norm and SGD are not.)

@@ -187,8 +187,8 @@ def worker(spec_path):
         if case["mode"] == "sp":  # sequence parallel alone: sum the partial gradients by hand
             policy = longpo.TokenLogps(model, cfg.logp_budget)
             rec, packed = longpo.load_example(cfg, tok, data[case["record"]])
-            loss, _ = longpo.record_loss(cfg, policy, packed, rec, env.sp, env.sp_rank, env.device)
-            turn_sums, nll_sum = longpo.sequence_sums(policy, packed, env.sp, env.sp_rank, env.device)
+            loss, _ = longpo.record_loss(cfg, policy, packed, env)
+            turn_sums, nll_sum = longpo.sequence_sums(policy, packed, env)
             loss.backward()
             grads = {}
             for name, p in policy.model.named_parameters():
@@ -361,13 +361,14 @@ def packed_against_oracle(model_dir, data, kind="longpo", before_sums=lambda: No
     ref_model = longpo.load_model(model_dir, torch.float64, "sdpa")[0]
     (rec, packed), = examples(cfg, tok)
     policy = longpo.TokenLogps(model, cfg.logp_budget)
-    loss, m = longpo.record_loss(cfg, policy, packed, rec, 1, 0, torch.device("cpu"))
+    one = longpo.SimpleNamespace(sp=1, sp_rank=0, device=torch.device("cpu"))  # one process
+    loss, m = longpo.record_loss(cfg, policy, packed, one)
     loss.backward()
     want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
     want.backward()
     before_sums()
     with torch.no_grad():
-        turn_sums = longpo.sequence_sums(policy, packed, 1, 0, torch.device("cpu"))[0]
+        turn_sums = longpo.sequence_sums(policy, packed, one)[0]
     if kind == "sft":  # only the chosen branch was packed
         torch.testing.assert_close(turn_sums[:packed["n"]], sums[0][0], rtol=1e-10, atol=0)
     else:
@@ -416,8 +417,9 @@ def test_flash_attn_path_equals_unshared(tiny, tmp_path, monkeypatch):
     layers = model.config.num_hidden_layers
     heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
     assert len(calls) == 2 * layers
-    assert {c for c in calls if c[0] == c[1]} == {(packed["p"] + packed["c"],) * 2 + (heads, kv_heads)}
-    assert {c for c in calls if c[0] != c[1]} == {(packed["r"], packed["p"] + packed["r"], heads, kv_heads)}
+    p, c, r = packed["prefix_len"], packed["chosen_len"], packed["rejected_len"]
+    assert {c_ for c_ in calls if c_[0] == c_[1]} == {(p + c,) * 2 + (heads, kv_heads)}
+    assert {c_ for c_ in calls if c_[0] != c_[1]} == {(r, p + r, heads, kv_heads)}
 
 
 # -----------------------------------------------------------------------------
