@@ -89,54 +89,9 @@ class Config:
     resume: bool = False  # continue from the newest checkpoint in --out
 
 
-def parse_config(cls, argv):
-    """--field value (or --field=value) for each dataclass field; an unknown flag lists the valid ones."""
-    cfg, fields = cls(), {f.name: f for f in dataclasses.fields(cls)}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"expected --field, got {arg!r}; valid flags: {' '.join('--' + k for k in fields)}")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in fields:
-            raise SystemExit(f"unknown flag --{name}; valid flags: {' '.join('--' + k for k in fields)}")
-        kind = type(getattr(cfg, name))
-        if eq and not value:
-            raise SystemExit(f"--{name}= has an empty value")
-        values = [value] if eq else []
-        while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            values.append(argv[i + 1])
-            i += 1
-            if kind is not list:
-                break
-        i += 1
-        if kind is list:
-            setattr(cfg, name, values)
-        elif kind is bool:
-            if values and values[0].lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{name} takes true or false, got {values[0]!r}")
-            setattr(cfg, name, not values or values[0].lower() in ("true", "1"))
-        elif len(values) != 1:
-            raise SystemExit(f"--{name} needs one {kind.__name__} value")
-        else:
-            try:
-                value = float(values[0]) if kind is int else kind(values[0])
-                if kind is int:  # 1e3 is an integer, 1.5 is not
-                    if not value.is_integer():
-                        raise ValueError
-                    value = int(value)
-            except (ValueError, OverflowError):
-                raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
-            if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-                # --lr inf would train to all-NaN weights; torch keeps hyper-parameters in float32
-                raise SystemExit(f"--{name} takes a finite number, got {values[0]!r}")
-            setattr(cfg, name, value)
-    return cfg
-
-
 # -----------------------------------------------------------------------------
 # distributed setup: ranks form dp groups of sp consecutive ranks that read the same record
+
 
 SP_GROUP = None  # the sequence-parallel group of this rank, read by the attention function
 
@@ -475,7 +430,7 @@ def sft_loss(response_logps_sum, response_tokens):
 
 
 # -----------------------------------------------------------------------------
-# data: records, chat rendering, packing
+# rendering and packing: a record as the policy reads it
 
 
 def special_token_strings(tokenizer):
@@ -589,13 +544,161 @@ def pack_record(tokenizer, record, branches=("chosen", "rejected")):
                 prefix_len=p, chosen_len=len(ids1) - p, rejected_len=r, n=n, ref=ref)
 
 
+# -----------------------------------------------------------------------------
+# one packed sequence through the (sharded) policy
+
+
+def shard_packed(packed, P, rank, device):
+    """Right-pad the packed sequence to a multiple of P and keep slice `rank`. Targets were paired with their
+    source positions on the whole sequence (labels shifted before sharding), so only the pairs whose source lies
+    in this slice stay, with local source indices."""
+    T = packed["input_ids"].shape[0]
+    Tp = -(-T // P) * P
+    Tl = Tp // P
+    pad = Tp - T
+    ids = F.pad(packed["input_ids"], (0, pad))  # (Tp,)
+    last = int(packed["position_ids"][-1]) + 1  # pad positions continue the last one; they are read by nothing
+    pos = torch.cat([packed["position_ids"], torch.arange(last, last + pad)])  # (Tp,)
+    lo, hi = rank * Tl, (rank + 1) * Tl
+    keep = (packed["src"] >= lo) & (packed["src"] < hi)  # (M,)
+    return dict(input_ids=ids[lo:hi][None].to(device), position_ids=pos[lo:hi][None].to(device),  # (1, T/P)
+                src=(packed["src"][keep] - lo).to(device), tgt=packed["tgt"][keep].to(device),  # (M_local,)
+                turn_idx=packed["turn_idx"][keep].to(device), nll_mask=packed["nll_mask"][keep].to(device))
+
+
+LAYOUT = ("prefix_len", "chosen_len", "rejected_len")  # what the attention function reads from model(...)
+
+
+def sequence_sums(policy, packed, env):
+    """Per-turn response log-prob sums for both branches and the NLL sum over branch 1's whole sequence,
+    summed over the sp group: returns (2n,) turn sums and a scalar NLL sum."""
+    s = shard_packed(packed, env.sp, env.sp_rank, env.device)
+    logps = policy(s["input_ids"], s["position_ids"], s["src"], s["tgt"],
+                   **{k: packed[k] for k in LAYOUT})  # (M_local,)
+    n = packed["n"]
+    has = s["turn_idx"] >= 0
+    turn_sums = logps.new_zeros(2 * n).index_add(0, s["turn_idx"][has], logps[has])  # (2n,): Σ over each turn
+    nll_sum = -(logps * s["nll_mask"]).sum()[None]  # (1,)
+    total = sum_over_sp(torch.cat([turn_sums, nll_sum]))  # (2n + 1,) partial sums -> the whole sequence's
+    return total[:2 * n], total[2 * n]
+
+
+def record_loss(cfg, policy, packed, env):
+    """The configured loss of one packed record, and its metrics."""
+    n = packed["n"]
+    turn_sums, nll_sum = sequence_sums(policy, packed, env)
+    if cfg.loss == "sft":
+        loss = sft_loss(turn_sums[:n].sum(), int((packed["turn_idx"] >= 0).sum()))
+        return loss, {"loss": loss.item(), "nll": loss.item()}
+    ref = packed["ref"].to(turn_sums.dtype).to(env.device)  # (2, n)
+    nll = nll_sum / int(packed["nll_mask"].sum())  # Eq. 14: L_NLL = -log πθ(S_L) / |S_L|
+    mask = torch.ones(1, n, dtype=torch.bool, device=env.device)
+    # Eq. 13 (Eq. 12 when n = 1: the log Σ over one turn is its log-prob)
+    loss, l_mt, rc, rr = longpo_loss(turn_sums[None, :n], turn_sums[None, n:], ref[None, 0], ref[None, 1], mask,
+                                     nll[None], cfg.beta, cfg.lam, cfg.nll_weight, cfg.turn_agg)
+    return loss[0], {"loss": loss.item(), "l_mt": l_mt.item(), "nll": nll.item(), "reward_chosen": rc.item(),
+                     "reward_rejected": rr.item(), "reward_margin": (rc - rr).item(), "accuracy": float(rc > rr)}
+
+
+# -----------------------------------------------------------------------------
+# the policy, and one optimizer step's forward and backward
+
+
+def build_policy(cfg, env, model):
+    """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if cfg.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    policy = TokenLogps(model, cfg.logp_budget)
+    if dist.is_initialized():
+        param_dtype, compute_dtype = _dtype_of(cfg, env.device)
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)  # moves each unit's shard to the device, one layer at a time
+    else:
+        policy.to(env.device)
+    policy.train()
+    return policy
+
+
+def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
+    """Forward and backward of this dp group's records of one step, one packed sequence per micro-step.
+    Returns the summed metrics and the number of tokens processed."""
+    sums, tokens = {}, 0
+    for i in indices:
+        _, packed = load_example(cfg, tokenizer, data[i])
+        if ref is not None:  # DPO: the initial policy's log-probs on x_L stand in for πS's on x_S
+            packed["ref"] = torch.tensor(ref[str(i)], dtype=torch.float64)  # (2, n)
+        loss, m = record_loss(cfg, policy, packed, env)
+        # FSDP averages gradients over all `world` ranks, but the sp ranks of a group hold parts of one
+        # sequence, whose gradients must be summed: scaling by sp turns the average into sum-over-sp,
+        # mean-over-dp. (Adam is blind to a constant factor; the gradient norm and SGD are not.)
+        (loss * env.sp / accum).backward()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+        tokens += packed["input_ids"].numel()
+    return sums, tokens
+
+
+# =============================================================================
+# appendix: the I/O and machinery a port replaces (flags, record validation, models, checkpoints, the loop)
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# flags and errors
+
+
+def parse_config(cls, argv):
+    """--field value (or --field=value) for each dataclass field; an unknown flag lists the valid ones."""
+    cfg, fields = cls(), {f.name: f for f in dataclasses.fields(cls)}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"expected --field, got {arg!r}; valid flags: {' '.join('--' + k for k in fields)}")
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in fields:
+            raise SystemExit(f"unknown flag --{name}; valid flags: {' '.join('--' + k for k in fields)}")
+        kind = type(getattr(cfg, name))
+        if eq and not value:
+            raise SystemExit(f"--{name}= has an empty value")
+        values = [value] if eq else []
+        while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values.append(argv[i + 1])
+            i += 1
+            if kind is not list:
+                break
+        i += 1
+        if kind is list:
+            setattr(cfg, name, values)
+        elif kind is bool:
+            if values and values[0].lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--{name} takes true or false, got {values[0]!r}")
+            setattr(cfg, name, not values or values[0].lower() in ("true", "1"))
+        elif len(values) != 1:
+            raise SystemExit(f"--{name} needs one {kind.__name__} value")
+        else:
+            try:
+                value = float(values[0]) if kind is int else kind(values[0])
+                if kind is int:  # 1e3 is an integer, 1.5 is not
+                    if not value.is_integer():
+                        raise ValueError
+                    value = int(value)
+            except (ValueError, OverflowError):
+                raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
+            if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                # --lr inf would train to all-NaN weights; torch keeps hyper-parameters in float32
+                raise SystemExit(f"--{name} takes a finite number, got {values[0]!r}")
+            setattr(cfg, name, value)
+    return cfg
+
+
 class InputError(ValueError):
     """A user's input is wrong; the message names file:line:field (or the flag). run_script prints it as one line."""
-
-
-def check_field(cond, where, field_name, msg):
-    if not cond:
-        raise InputError(f"{where}: field '{field_name}': {msg}")
 
 
 def run_script(main, *args):
@@ -611,6 +714,15 @@ def run_script(main, *args):
             print(msg, file=sys.stderr, flush=True)
         teardown_distributed()
         sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# records: validation and JSONL reading
+
+
+def check_field(cond, where, field_name, msg):
+    if not cond:
+        raise InputError(f"{where}: field '{field_name}': {msg}")
 
 
 def short_repr(x, limit=60):
@@ -789,63 +901,7 @@ def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len
 
 
 # -----------------------------------------------------------------------------
-# one packed sequence through the (sharded) policy
-
-
-def shard_packed(packed, P, rank, device):
-    """Right-pad the packed sequence to a multiple of P and keep slice `rank`. Targets were paired with their
-    source positions on the whole sequence (labels shifted before sharding), so only the pairs whose source lies
-    in this slice stay, with local source indices."""
-    T = packed["input_ids"].shape[0]
-    Tp = -(-T // P) * P
-    Tl = Tp // P
-    pad = Tp - T
-    ids = F.pad(packed["input_ids"], (0, pad))  # (Tp,)
-    last = int(packed["position_ids"][-1]) + 1  # pad positions continue the last one; they are read by nothing
-    pos = torch.cat([packed["position_ids"], torch.arange(last, last + pad)])  # (Tp,)
-    lo, hi = rank * Tl, (rank + 1) * Tl
-    keep = (packed["src"] >= lo) & (packed["src"] < hi)  # (M,)
-    return dict(input_ids=ids[lo:hi][None].to(device), position_ids=pos[lo:hi][None].to(device),  # (1, T/P)
-                src=(packed["src"][keep] - lo).to(device), tgt=packed["tgt"][keep].to(device),  # (M_local,)
-                turn_idx=packed["turn_idx"][keep].to(device), nll_mask=packed["nll_mask"][keep].to(device))
-
-
-LAYOUT = ("prefix_len", "chosen_len", "rejected_len")  # what the attention function reads from model(...)
-
-
-def sequence_sums(policy, packed, env):
-    """Per-turn response log-prob sums for both branches and the NLL sum over branch 1's whole sequence,
-    summed over the sp group: returns (2n,) turn sums and a scalar NLL sum."""
-    s = shard_packed(packed, env.sp, env.sp_rank, env.device)
-    logps = policy(s["input_ids"], s["position_ids"], s["src"], s["tgt"],
-                   **{k: packed[k] for k in LAYOUT})  # (M_local,)
-    n = packed["n"]
-    has = s["turn_idx"] >= 0
-    turn_sums = logps.new_zeros(2 * n).index_add(0, s["turn_idx"][has], logps[has])  # (2n,): Σ over each turn
-    nll_sum = -(logps * s["nll_mask"]).sum()[None]  # (1,)
-    total = sum_over_sp(torch.cat([turn_sums, nll_sum]))  # (2n + 1,) partial sums -> the whole sequence's
-    return total[:2 * n], total[2 * n]
-
-
-def record_loss(cfg, policy, packed, env):
-    """The configured loss of one packed record, and its metrics."""
-    n = packed["n"]
-    turn_sums, nll_sum = sequence_sums(policy, packed, env)
-    if cfg.loss == "sft":
-        loss = sft_loss(turn_sums[:n].sum(), int((packed["turn_idx"] >= 0).sum()))
-        return loss, {"loss": loss.item(), "nll": loss.item()}
-    ref = packed["ref"].to(turn_sums.dtype).to(env.device)  # (2, n)
-    nll = nll_sum / int(packed["nll_mask"].sum())  # Eq. 14: L_NLL = -log πθ(S_L) / |S_L|
-    mask = torch.ones(1, n, dtype=torch.bool, device=env.device)
-    # Eq. 13 (Eq. 12 when n = 1: the log Σ over one turn is its log-prob)
-    loss, l_mt, rc, rr = longpo_loss(turn_sums[None, :n], turn_sums[None, n:], ref[None, 0], ref[None, 1], mask,
-                                     nll[None], cfg.beta, cfg.lam, cfg.nll_weight, cfg.turn_agg)
-    return loss[0], {"loss": loss.item(), "l_mt": l_mt.item(), "nll": nll.item(), "reward_chosen": rc.item(),
-                     "reward_rejected": rr.item(), "reward_margin": (rc - rr).item(), "accuracy": float(rc > rr)}
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
+# dtypes and memory
 
 
 def _dtype_of(cfg, device):
@@ -863,6 +919,16 @@ def inference_dtype(name, device, allowed=("auto", "float32", "float64", "bfloat
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of the process (kB on Linux)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, resume, one run per --out
 
 
 def creatable_dir(path):
@@ -984,10 +1050,10 @@ def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, 
         print0(f"saved {final}")
 
 
-RESUME_FIELDS = ("max_len", "rope_theta", "loss", "turn_agg", "sft_target", "beta", "lam",
-                 "nll_weight", "global_batch", "epochs", "seed", "too_long", "optimizer", "lr", "weight_decay",
-                 "lr_schedule", "warmup_steps", "warmup_ratio", "grad_clip", "dtype")  # with the data and the model: what fixes the data order,
-                                                        # the objective and the update
+# with the data and the model, what fixes the data order, the objective and the update
+RESUME_FIELDS = ("max_len", "rope_theta", "loss", "turn_agg", "sft_target", "beta", "lam", "nll_weight", "global_batch",
+                 "epochs", "seed", "too_long", "optimizer", "lr", "weight_decay", "lr_schedule", "warmup_steps",
+                 "warmup_ratio", "grad_clip", "dtype")
 
 
 def check_resumable(cfg, path, data_sha256):
@@ -1018,54 +1084,7 @@ def load_train_state(path, policy, optimizer):
 
 
 # -----------------------------------------------------------------------------
-# training
-
-
-def build_policy(cfg, env, model):
-    """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if cfg.grad_ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    policy = TokenLogps(model, cfg.logp_budget)
-    if dist.is_initialized():
-        param_dtype, compute_dtype = _dtype_of(cfg, env.device)
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)  # moves each unit's shard to the device, one layer at a time
-    else:
-        policy.to(env.device)
-    policy.train()
-    return policy
-
-
-def schedule(num_records, cfg, dp):
-    """Record indices of every optimizer step: a seeded shuffle per epoch, global_batch records a step. Step s,
-    dp group g takes records order[s][g::dp]: a resumed run sees exactly what an uninterrupted one would."""
-    steps = []
-    for epoch in range(cfg.epochs):  # batches never straddle epochs: a record appears at most once a step
-        perm = list(range(num_records))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
-        steps += [perm[i:i + cfg.global_batch] for i in range(0, num_records - cfg.global_batch + 1, cfg.global_batch)]
-    return steps[:cfg.max_steps] if cfg.max_steps >= 0 else steps
-
-
-def learning_rate(cfg, step, total):
-    """The lr of optimizer step `step` (0-based) of `total`: a linear warm-up over --warmup_steps (else
-    --warmup_ratio of the steps), from lr / warm at the first step to lr, then constant or a cosine to 0."""
-    warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of the process (kB on Linux)
+# the data a run trains on, its schedule and learning rate
 
 
 def _branches(cfg):
@@ -1148,6 +1167,28 @@ def writer_mismatch(cfg, entry):
             "log-probs must come from the model it trains (πS, its initial weights)")
 
 
+def schedule(num_records, cfg, dp):
+    """Record indices of every optimizer step: a seeded shuffle per epoch, global_batch records a step. Step s,
+    dp group g takes records order[s][g::dp]: a resumed run sees exactly what an uninterrupted one would."""
+    steps = []
+    for epoch in range(cfg.epochs):  # batches never straddle epochs: a record appears at most once a step
+        perm = list(range(num_records))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
+        steps += [perm[i:i + cfg.global_batch] for i in range(0, num_records - cfg.global_batch + 1, cfg.global_batch)]
+    return steps[:cfg.max_steps] if cfg.max_steps >= 0 else steps
+
+
+def learning_rate(cfg, step, total):
+    """The lr of optimizer step `step` (0-based) of `total`: a linear warm-up over --warmup_steps (else
+    --warmup_ratio of the steps), from lr / warm at the first step to lr, then constant or a cosine to 0."""
+    warm = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
 @torch.no_grad()
 def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     """DPO's reference log π_ref(y | x_L): the initial policy on the long inputs, once, before the first step,
@@ -1179,23 +1220,8 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     return ref
 
 
-def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
-    """Forward and backward of this dp group's records of one step, one packed sequence per micro-step.
-    Returns the summed metrics and the number of tokens processed."""
-    sums, tokens = {}, 0
-    for i in indices:
-        _, packed = load_example(cfg, tokenizer, data[i])
-        if ref is not None:  # DPO: the initial policy's log-probs on x_L stand in for πS's on x_S
-            packed["ref"] = torch.tensor(ref[str(i)], dtype=torch.float64)  # (2, n)
-        loss, m = record_loss(cfg, policy, packed, env)
-        # FSDP averages gradients over all `world` ranks, but the sp ranks of a group hold parts of one
-        # sequence, whose gradients must be summed: scaling by sp turns the average into sum-over-sp,
-        # mean-over-dp. (Adam is blind to a constant factor; the gradient norm and SGD are not.)
-        (loss * env.sp / accum).backward()
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
-        tokens += packed["input_ids"].numel()
-    return sums, tokens
+# -----------------------------------------------------------------------------
+# the training loop
 
 
 def train(cfg):
