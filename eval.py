@@ -731,8 +731,7 @@ def main(cfg):
     inputs = [(flag, path) for flag, path in (("--task_file", cfg.task_file), ("--mc", cfg.mc),
                                               ("--short_data", cfg.short_data)) if path]
     if inputs:  # tokenizers only: the models load one at a time below
-        from transformers import AutoTokenizer
-        check_rendered_text(inputs, [(name, AutoTokenizer.from_pretrained(path or longpo.default_model_dir()))
+        check_rendered_text(inputs, [(name, longpo.AutoTokenizer.from_pretrained(path or longpo.default_model_dir()))
                                      for name, path in models])
     if pairs is None:
         print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
@@ -782,8 +781,7 @@ def main(cfg):
     print0(f"wall time {report['wall_s']:.0f} s")
     if os.path.dirname(cfg.json):
         os.makedirs(os.path.dirname(cfg.json), exist_ok=True)
-    with open(cfg.json, "w") as f:
-        json.dump(report, f, indent=1)
+    longpo.write_atomic(cfg.json, json.dumps(report, indent=1))
     print0(f"wrote {cfg.json}")
     return report
 

