@@ -16,16 +16,19 @@ Symbols: B batch, T tokens of one packed sequence, H heads (Hq query, Hkv key/va
 P sequence-parallel ranks, V vocabulary, n turns of a record, M (source, target) token pairs.
 """
 
+import argparse
 import dataclasses
 import errno
 import fcntl
 import glob
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -56,43 +59,48 @@ except ImportError:
 # config
 
 
+def checked(default, ok=None, choices=None):
+    """A config field and the values it accepts: ok(value) holds, or value is one of choices (check_config)."""
+    return dataclasses.field(default=default, metadata={"ok": ok, "choices": choices})
+
+
 @dataclass
 class Config:
     # data and model
     data: str = "data/longpo.jsonl"  # JSONL written by generate.py (schema: DESIGN.md)
     model: str = ""  # local HF causal-LM directory (Mistral / Llama / Qwen2); "" = embedded SmolLM2-135M-Instruct
     out: str = "out/longpo"  # checkpoints, metrics.jsonl, resolved config
-    max_len: int = 131072  # longest chosen or rejected sequence, and the policy's max positions (paper: 128K)
-    rope_theta: float = 1e7  # RoPE base of the policy (paper §4.1: 1e7); 0 keeps the model's own
+    max_len: int = checked(131072, lambda x: x >= 2)  # longest chosen or rejected sequence, and the policy's max positions (paper: 128K)
+    rope_theta: float = checked(1e7, lambda x: x == 0 or x > 1)  # RoPE base of the policy (paper §4.1: 1e7); 0 keeps the model's own
     # objective
-    loss: str = "longpo"  # longpo (Eq. 14) | dpo (Eq. 14 with reference = initial policy on x_L) | sft (NLL)
-    turn_agg: str = "eq13"  # eq13: log Σ_i π over turns, as printed | sum: Σ_i log π, as in the released code
-    beta: float = 0.1  # β in Eq. 13 (paper 0.1; the released recipe used 0.01)
-    lam: float = 0.01  # λ in Eq. 14
-    nll_weight: float = 1.0  # weight of L_NLL in Eq. 14; 0 is the paper's "LongPO w/o NLL" ablation
-    sft_target: str = "chosen"  # --loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)
+    loss: str = checked("longpo", choices=("longpo", "dpo", "sft"))  # longpo (Eq. 14) | dpo (Eq. 14 with reference = initial policy on x_L) | sft (NLL)
+    turn_agg: str = checked("eq13", choices=("eq13", "sum"))  # eq13: log Σ_i π over turns, as printed | sum: Σ_i log π, as in the released code
+    beta: float = checked(0.1, lambda x: x > 0)  # β in Eq. 13 (paper 0.1; the released recipe used 0.01)
+    lam: float = checked(0.01, lambda x: x >= 0)  # λ in Eq. 14
+    nll_weight: float = checked(1.0, lambda x: x >= 0)  # weight of L_NLL in Eq. 14; 0 is the paper's "LongPO w/o NLL" ablation
+    sft_target: str = checked("chosen", choices=("chosen", "rejected"))  # --loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)
     # optimisation
-    optimizer: str = "adam"  # adam (paper §4.1) | rmsprop (the released recipe)
-    lr: float = 0.0  # learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3)
-    weight_decay: float = 0.0  # the paper's Adam has none
-    lr_schedule: str = "constant"  # after the warm-up: constant (the paper states no schedule) | cosine to 0
-                                   # over the run's steps (the released recipe, with --warmup_ratio 0.1)
-    warmup_steps: int = 0  # linear warm-up steps (the paper states none)
-    warmup_ratio: float = 0.0  # warm-up as a fraction of the run's steps, where --warmup_steps is 0
-    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    global_batch: int = 8  # records per optimizer step (paper: 8), reached by gradient accumulation
-    epochs: int = 1  # passes over the data
-    max_steps: int = -1  # stop after this many optimizer steps; -1 = all epochs
+    optimizer: str = checked("adam", choices=("adam", "rmsprop"))  # adam (paper §4.1) | rmsprop (the released recipe)
+    lr: float = checked(0.0, lambda x: x >= 0)  # learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3)
+    weight_decay: float = checked(0.0, lambda x: x >= 0)  # the paper's Adam has none
+    lr_schedule: str = checked("constant", choices=("constant", "cosine"))  # after the warm-up: constant (the
+    # paper states no schedule) | cosine to 0 over the run's steps (the released recipe, with --warmup_ratio 0.1)
+    warmup_steps: int = checked(0, lambda x: x >= 0)  # linear warm-up steps (the paper states none)
+    warmup_ratio: float = checked(0.0, lambda x: 0 <= x <= 1)  # warm-up as a fraction of the run's steps, where --warmup_steps is 0
+    grad_clip: float = checked(1.0, lambda x: x >= 0)  # max gradient norm; 0 disables clipping
+    global_batch: int = checked(8, lambda x: x >= 1)  # records per optimizer step (paper: 8), reached by gradient accumulation
+    epochs: int = checked(1, lambda x: x >= 1)  # passes over the data
+    max_steps: int = checked(-1, lambda x: x >= -1)  # stop after this many optimizer steps; -1 = all epochs
     seed: int = 0  # data order
     # parallelism and memory
     sp: int = 0  # sequence-parallel group size P; 0 = all ranks; dp = world / sp
-    logp_budget: int = 1 << 25  # logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never (T, V)
+    logp_budget: int = checked(1 << 25, lambda x: x >= 1)  # logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never (T, V)
     grad_ckpt: bool = True  # activation checkpointing per decoder layer
-    dtype: str = "auto"  # parameter dtype: auto = float32 master weights (bf16 compute on CUDA) | float64
-    too_long: str = "skip"  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
+    dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # parameter dtype: auto = float32 master weights (bf16 compute on CUDA) | float64
+    too_long: str = checked("skip", choices=("skip", "error"))  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
     # checkpoints and logging
-    save_every: int = 50  # optimizer steps between checkpoints (and one at the end)
-    max_bad_steps: int = 3  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
+    save_every: int = checked(50, lambda x: x >= 1)  # optimizer steps between checkpoints (and one at the end)
+    max_bad_steps: int = checked(3, lambda x: x >= 1)  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
     resume: bool = False  # continue from the newest checkpoint in --out
 
 
@@ -655,50 +663,88 @@ def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
 # flags and errors
 
 
-def parse_config(cls, argv):
-    """--field value (or --field=value) for each dataclass field; an unknown flag lists the valid ones."""
-    cfg, fields = cls(), {f.name: f for f in dataclasses.fields(cls)}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"expected --field, got {arg!r}; valid flags: {' '.join('--' + k for k in fields)}")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in fields:
-            raise SystemExit(f"unknown flag --{name}; valid flags: {' '.join('--' + k for k in fields)}")
-        kind = type(getattr(cfg, name))
-        if eq and not value:
-            raise SystemExit(f"--{name}= has an empty value")
-        values = [value] if eq else []
-        while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            values.append(argv[i + 1])
-            i += 1
-            if kind is not list:
-                break
-        i += 1
-        if kind is list:
-            setattr(cfg, name, values)
-        elif kind is bool:
-            if values and values[0].lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{name} takes true or false, got {values[0]!r}")
-            setattr(cfg, name, not values or values[0].lower() in ("true", "1"))
-        elif len(values) != 1:
-            raise SystemExit(f"--{name} needs one {kind.__name__} value")
+def parse_config(cls, argv, base=None):
+    """--field value (or --field=value) for each field of the dataclass cls, over base (default: cls()), through
+    argparse: the field's type says what a value may be (an int may be written 1e3; a float is finite and within
+    float32's range; a bool is true or false, or the bare flag), its help line is the comment beside it, and
+    check_config applies its limits. --help lists the flags. A mistake is one line naming the flag."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = " ".join("--" + k for k in fields)
+    helps = field_comments(cls)
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]), usage="%(prog)s [--field value ...]",
+                                     allow_abbrev=False, exit_on_error=False, argument_default=argparse.SUPPRESS)
+    for name in fields:
+        default = getattr(base or cls(), name)
+        kind = type(default)
+        nargs = "*" if kind is list else "?" if kind is bool else None
+        parser.add_argument("--" + name, dest=name, type=_flag_type(name, kind), nargs=nargs, metavar=kind.__name__,
+                            **({"const": True} if kind is bool else {}),
+                            help=f"{helps.get(name, '')} (default: {default!r})")
+    for arg in argv:
+        if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:
+            raise SystemExit(f"{arg} has an empty value")
+    # a value that starts with "-" (--sp -1, --lr -1e-5) is attached to its flag, where argparse would take it for one
+    joined = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and joined and joined[-1].startswith("--") \
+                and "=" not in joined[-1]:
+            joined[-1] += "=" + arg
         else:
-            try:
-                value = float(values[0]) if kind is int else kind(values[0])
-                if kind is int:  # 1e3 is an integer, 1.5 is not
-                    if not value.is_integer():
-                        raise ValueError
-                    value = int(value)
-            except (ValueError, OverflowError):
-                raise SystemExit(f"--{name} takes a {kind.__name__}, got {values[0]!r}") from None
-            if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
-                # --lr inf would train to all-NaN weights; torch keeps hyper-parameters in float32
-                raise SystemExit(f"--{name} takes a finite number, got {values[0]!r}")
-            setattr(cfg, name, value)
+            joined.append(arg)
+    try:
+        parsed, extra = parser.parse_known_args(joined)
+    except argparse.ArgumentError as e:  # the type functions' messages name the flag already
+        raise SystemExit(str(e).split(": ", 1)[-1]) from None
+    for arg in extra:
+        if arg.startswith("--"):
+            raise SystemExit(f"unknown flag {arg.split('=')[0]}; valid flags: {valid}")
+        raise SystemExit(f"expected --field, got {arg!r}; valid flags: {valid}")
+    cfg = dataclasses.replace(base or cls(), **vars(parsed))
+    check_config(cfg)
     return cfg
+
+
+def _flag_type(name, kind):
+    """argparse's type function for a field of type kind: its messages name the flag."""
+    def convert(value):
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"--{name} takes true or false, got {value!r}")
+            return value.lower() in ("true", "1")
+        if kind in (str, list):
+            return value
+        try:
+            number = float(value)
+            if kind is int and not number.is_integer():  # 1e3 is an integer, 1.5 is not
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"--{name} takes a {kind.__name__}, got {value!r}") from None
+        if kind is int:
+            return int(number)
+        if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
+            # --lr inf would train to all-NaN weights; torch keeps hyper-parameters in float32
+            raise argparse.ArgumentTypeError(f"--{name} takes a finite number, got {value!r}")
+        return number
+    return convert
+
+
+def field_comments(cls):
+    """{field: the comment on its line} from the class's source: the help of each flag."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [\w\[\]]+ = .*?  # (.*)$", source, re.M)}
+
+
+def check_config(cfg):
+    """Every field's limits (checked()): one line naming the flag and its value for the first one broken."""
+    for f in dataclasses.fields(cfg):
+        value, ok, choices = getattr(cfg, f.name), f.metadata.get("ok"), f.metadata.get("choices")
+        if choices and value not in choices:
+            raise SystemExit(f"--{f.name} must be one of {choices}, got {value!r}")
+        if ok and not ok(value):
+            raise SystemExit(f"--{f.name} {value} is out of range")
 
 
 class InputError(ValueError):
@@ -1231,21 +1277,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.lr == 0:
         cfg.lr = 2e-5 if cfg.loss == "sft" else 5e-7  # the paper's: §4.1 for LongPO and DPO, B.3 for SFT
-    for name, allowed in (("loss", ("longpo", "dpo", "sft")), ("turn_agg", ("eq13", "sum")),
-                          ("sft_target", ("chosen", "rejected")), ("optimizer", ("adam", "rmsprop")),
-                          ("too_long", ("skip", "error")), ("lr_schedule", ("constant", "cosine"))):
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    for name, ok in (("beta", cfg.beta > 0), ("lam", cfg.lam >= 0), ("nll_weight", cfg.nll_weight >= 0),
-                     ("lr", cfg.lr > 0), ("global_batch", cfg.global_batch >= 1), ("epochs", cfg.epochs >= 1),
-                     ("save_every", cfg.save_every >= 1), ("logp_budget", cfg.logp_budget >= 1),
-                     ("max_len", cfg.max_len >= 2), ("warmup_steps", cfg.warmup_steps >= 0),
-                     ("warmup_ratio", 0 <= cfg.warmup_ratio <= 1),
-                     ("max_bad_steps", cfg.max_bad_steps >= 1), ("weight_decay", cfg.weight_decay >= 0),
-                     ("rope_theta", cfg.rope_theta == 0 or cfg.rope_theta > 1),
-                     ("grad_clip", cfg.grad_clip >= 0)):
-        if not ok:
-            raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
+    check_config(cfg)  # also here for a Config built in code (parse_config checks the command line's)
     if cfg.global_batch % env.dp:
         raise SystemExit(f"--global_batch {cfg.global_batch} is not a multiple of dp = {env.dp}")
     print0(f"world {env.world} = dp {env.dp} x sp {env.sp}; {cfg.global_batch // env.dp} record(s) per rank per step; "
