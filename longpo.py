@@ -178,7 +178,7 @@ def _to_heads(x, shares, group):
     send = send.transpose(0, 1).contiguous()  # (Σ_j h_j, B, T/P, D): split along dim 0 by destination
     h_me = len(shares[me])
     recv = x.new_empty(P * h_me, B, Tl, D)  # from each source rank i: (h_me, B, T/P, D) of slice i
-    dist.all_to_all_single(recv, send, [h_me] * P, [len(s) for s in shares], group=group)
+    dist.all_to_all_single(recv, send, [h_me] * P, [len(s) for s in shares], group=group)  # send h_j to rank j
     return recv.view(P, h_me, B, Tl, D).permute(2, 1, 0, 3, 4).reshape(B, h_me, P * Tl, D)  # (B, h_me, T, D)
 
 
@@ -189,7 +189,7 @@ def _to_seq(y, shares, group, num_heads):
     Tl = T // P
     send = y.view(B, h_me, P, Tl, D).permute(2, 1, 0, 3, 4).reshape(P * h_me, B, Tl, D)  # slice i to rank i
     recv = y.new_empty(sum(len(s) for s in shares), B, Tl, D)  # (Σ_j h_j, B, T/P, D)
-    dist.all_to_all_single(recv, send, [len(s) for s in shares], [h_me] * P, group=group)
+    dist.all_to_all_single(recv, send, [len(s) for s in shares], [h_me] * P, group=group)  # h_j from rank j
     out = y.new_zeros(B, num_heads, Tl, D)
     out.index_add_(1, torch.cat(shares).to(y.device), recv.transpose(0, 1))  # (B, H, T/P, D)
     return out
@@ -400,7 +400,7 @@ def response_logps(model, tokenizer, messages, budget=Config.logp_budget):
     logps = chunked_logps(hidden, model.lm_head.weight, x[0, 1:], budget).double()  # (T-1,)
     turn = torch.tensor(turns[1:], device=device)
     return torch.zeros(max(turns), dtype=torch.float64, device=device).index_add(0, turn[turn > 0] - 1,
-                                                                                 logps[turn > 0])
+                                                                                 logps[turn > 0])  # (n,)
 
 
 # -----------------------------------------------------------------------------
@@ -422,7 +422,8 @@ def longpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, re
 
     policy_chosen_logps   (B, n)  log πθ(y_S^i | x_L^i), summed over the response tokens of turn i
     policy_rejected_logps (B, n)  log πθ(y_L^i | x_L^i)
-    ref_chosen_logps      (B, n)  log πS(y_S^i | C_S^i, I^i) (for DPO: log π_ref(y_S^i | x_L^i))
+    ref_chosen_logps      (B, n)  log πS(y_S^i | C_S^i, I^i), the short-to-long reference of Eq. 10-11 (for DPO:
+                                  log π_ref(y_S^i | x_L^i), Eq. 4)
     ref_rejected_logps    (B, n)  log πS(y_L^i | C_S^i, I^i)
     turn_mask             (B, n)  True for the turns a record has
     nll                   (B,)    mean token NLL over the whole chosen long sequence S_L
@@ -1187,7 +1188,7 @@ def prepare_data(cfg, tokenizer, env=None):
     parts = [(mine, error)]
     if world > 1:
         parts = [None] * world
-        dist.all_gather_object(parts, (mine, error))
+        dist.all_gather_object(parts, (mine, error))  # world x (entries, first error) of each rank's share
     errors = sorted(e for _, e in parts if e is not None)
     if errors:
         raise InputError(errors[0][1])
@@ -1261,7 +1262,7 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
     gathered = [mine]
     if dist.is_initialized():
         gathered = [None] * env.world
-        dist.all_gather_object(gathered, mine)
+        dist.all_gather_object(gathered, mine)  # world x {record index: (2, n) log-probs}
     ref = {k: v for part in gathered for k, v in part.items()}
     if env.master:
         write_atomic(path, json.dumps(ref))
@@ -1370,7 +1371,7 @@ def _train(cfg, env):
         keys = sorted(sums)
         vals = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64, device=env.device)
         if dist.is_initialized():
-            dist.all_reduce(vals)
+            dist.all_reduce(vals)  # (K + 1,): each metric summed over all ranks; sp ranks hold the same values
         vals = vals / env.sp
         # step: clip, update. A step whose loss or gradient norm is not finite is not applied: clip_grad_norm_
         # would scale every gradient by the NaN norm, and one NaN would reach every weight. All ranks see the
