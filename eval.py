@@ -73,9 +73,9 @@ DEFAULT_TASKS = ("niah_single", "vt", "fwe", "mc_records")
 
 @dataclass
 class EvalConfig:
-    # name=DIR (or DIR) per model, the first the baseline of every delta and KL; [] = the embedded model and the
-    # newest checkpoint in --out
-    models: list = field(default_factory=list)
+    models: list = field(default_factory=list)  # name=DIR (or DIR) per model, the first the baseline of every
+                                                # delta and KL; [] = the embedded model and the newest checkpoint
+                                                # in --out
     out: str = longpo.Config().out  # where the no-argument run looks for checkpoints (longpo.py's --out)
     lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
     tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))  # long-context tasks to run; all = every one
@@ -90,9 +90,10 @@ class EvalConfig:
     mc: str = ""  # JSONL of {question, choices, answer (0-based index)}; "" skips acc and acc_norm
     json: str = "out/eval.json"  # every number of the tables, and each sample's prompt size, depth and output
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU | float32 | float64 | bfloat16
-    prefill_chunk: int = 0  # prompt tokens per forward while prefilling the KV cache; 0 = 8192 on CPU (an 8K prompt
-    # in one chunk takes SDPA's causal fast path: 1.2x faster than four 2K chunks), 2048 on CUDA (each later chunk
-    # attends through a (chunk, past) mask, which a 128K prompt makes large)
+    prefill_chunk: int = 0  # prompt tokens per forward while prefilling the KV cache; 0 = 8192 on CPU (an 8K
+                            # prompt in one chunk takes SDPA's causal fast path: 1.2x faster than four 2K chunks),
+                            # 2048 on CUDA (each later chunk attends through a (chunk, past) mask, which a 128K
+                            # prompt makes large)
 
 
 # -----------------------------------------------------------------------------
@@ -518,8 +519,8 @@ def check_rendered_text(inputs, tokenizers):
 def read_task_file(path):
     """--task_file: {task: {length: [sample, ...]}} from lines {"task", "length", "user", "answers", "depth"?};
     a malformed line stops with file:line and the field."""
-    if not os.path.exists(path):
-        raise SystemExit(f"--task_file {path}: no such file")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--task_file {path}: no such file" + (" (a directory)" if os.path.isdir(path) else ""))
     own = {}
     try:
         for where, s in jsonl_objects(path):
@@ -572,8 +573,8 @@ def resolve_models(cfg):
 
 def read_mc(path):
     """{question, choices, answer} per line; a malformed line raises ValueError naming file:line and the field."""
-    if not os.path.exists(path):
-        raise SystemExit(f"--mc {path}: no such file")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--mc {path}: no such file" + (" (a directory)" if os.path.isdir(path) else ""))
     items = []
     for where, it in jsonl_objects(path):
         longpo.check_field(isinstance(it, dict), where, "<item>", f"expected a JSON object, got {type(it).__name__}")

@@ -84,7 +84,8 @@ class Config:
     lr: float = checked(0.0, lambda x: x >= 0)  # learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3)
     weight_decay: float = checked(0.0, lambda x: x >= 0)  # the paper's Adam has none
     lr_schedule: str = checked("constant", choices=("constant", "cosine"))  # after the warm-up: constant (the
-    # paper states no schedule) | cosine to 0 over the run's steps (the released recipe, with --warmup_ratio 0.1)
+                                                                            # paper states no schedule) | cosine
+                                                                            # to 0 over the run's steps (released)
     warmup_steps: int = checked(0, lambda x: x >= 0)  # linear warm-up steps (the paper states none)
     warmup_ratio: float = checked(0.0, lambda x: 0 <= x <= 1)  # warm-up as a fraction of the run's steps, where --warmup_steps is 0
     grad_clip: float = checked(1.0, lambda x: x >= 0)  # max gradient norm; 0 disables clipping
@@ -548,7 +549,7 @@ def pack_record(tokenizer, record, branches=("chosen", "rejected")):
             nll_mask.append(False)
         input_ids += ids2[p:]
         position_ids += list(range(p, len(ids2)))
-    has_ref = all("ref_chosen_logp" in t for t in record["turns"])
+    has_ref = all(_finite_number(t.get(k)) for t in record["turns"] for k in ("ref_chosen_logp", "ref_rejected_logp"))
     ref = torch.tensor([[t["ref_chosen_logp"] for t in record["turns"]],
                         [t["ref_rejected_logp"] for t in record["turns"]]], dtype=torch.float64) if has_ref else None
     L = torch.long
@@ -681,6 +682,7 @@ def parse_config(cls, argv, base=None):
         parser.add_argument("--" + name, dest=name, type=_flag_type(name, kind), nargs=nargs, metavar=kind.__name__,
                             **({"const": True} if kind is bool else {}),
                             help=f"{helps.get(name, '')} (default: {default!r})")
+    argv = [_underscored(a) for a in argv]
     for arg in argv:
         if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:
             raise SystemExit(f"{arg} has an empty value")
@@ -695,7 +697,7 @@ def parse_config(cls, argv, base=None):
     try:
         parsed, extra = parser.parse_known_args(joined)
     except argparse.ArgumentError as e:  # the type functions' messages name the flag already
-        raise SystemExit(str(e).split(": ", 1)[-1]) from None
+        raise SystemExit(e.message if e.message.startswith("--") else f"{e.argument_name}: {e.message}") from None
     for arg in extra:
         if arg.startswith("--"):
             raise SystemExit(f"unknown flag {arg.split('=')[0]}; valid flags: {valid}")
@@ -703,6 +705,14 @@ def parse_config(cls, argv, base=None):
     cfg = dataclasses.replace(base or cls(), **vars(parsed))
     check_config(cfg)
     return cfg
+
+
+def _underscored(arg):
+    """--max-len=4096 -> --max_len=4096: a flag's name may be written with dashes."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
 
 
 def _flag_type(name, kind):
@@ -730,12 +740,23 @@ def _flag_type(name, kind):
 
 
 def field_comments(cls):
-    """{field: the comment on its line} from the class's source: the help of each flag."""
+    """{field: its comment} from the class's source, the help of each flag: the comment on the field's line and
+    the comment lines below it indented past the fields (a comment at the fields' indent heads a group)."""
     try:
-        source = inspect.getsource(cls)
+        lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return {}
-    return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [\w\[\]]+ = .*?  # (.*)$", source, re.M)}
+    helps, name = {}, None
+    for line in lines:
+        field = re.match(r"^    (\w+): [\w\[\]]+ = .*?  # (.*)$", line)
+        more = re.match(r"^     +# (.*)$", line)
+        if field:
+            name, helps[field[1]] = field[1], field[2].strip()
+        elif more and name:
+            helps[name] += " " + more[1].strip()
+        else:
+            name = None
+    return helps
 
 
 def check_config(cfg):
@@ -1014,9 +1035,12 @@ def lock_dir(out):
     """Take out/.lock, or return the refusal. The lock is an flock on a file holding the holder's pid: the kernel
     drops it when the process dies, so a lock left by a killed run is taken over (with a message). Returns
     (open lock file or None, message or None)."""
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, ".lock")
-    f = open(path, "a+")
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        return None, f"--out {out}: cannot take the lock {path}: {e.strerror}"
     f.seek(0)
     holder = f.read().strip()
     try:
@@ -1056,7 +1080,7 @@ def non_finite_parameter(model, env=None):
     return bad
 
 
-def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256):
+def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, total_steps):
     """out/step-NNNNNN/: a HF model directory (loads with from_pretrained alone), the resolved config, and
     train_state/ (sharded model + optimizer, torch.distributed.checkpoint) for --resume. Written to a temporary
     directory and renamed, so a crash never leaves a half-written checkpoint behind."""
@@ -1064,22 +1088,39 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, da
     if bad is not None:
         raise SystemExit(f"not saving step {step}: parameter {bad} holds non-finite values")
     tmp = os.path.join(cfg.out, f".tmp-step-{step:06d}")
+    failed = None
     try:
-        _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, tmp)
-    except (Exception, dcp.api.CheckpointException) as e:  # (a BaseException) a full disk reads "unexpected pos
-        # 704 vs 598" there, naming nothing: the free space says what happened
-        free = shutil.disk_usage(cfg.out).free
-        if env.master:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if free >= 64 * 2**20 and getattr(e, "errno", None) != errno.ENOSPC:
-            raise
+        _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, total_steps, tmp)
+    except (Exception, dcp.api.CheckpointException) as e:  # (the latter a BaseException)
+        failed = e
+    # every rank learns whether any failed, and the least free space seen, before anything is removed: a rank
+    # that stopped alone would leave the others waiting in the next step's collectives
+    free = shutil.disk_usage(cfg.out).free
+    state = torch.tensor([failed is not None, _disk_full(failed), -free], dtype=torch.float64, device=env.device)
+    if dist.is_initialized():
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)  # (3,): any failed, any full, minus the least free bytes
+    if not state[0]:
+        return
+    if env.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    free = -state[2].item()
+    if state[1] or free < 64 * 2**20:  # torch reports a full disk as e.g. "unexpected pos 704 vs 598"
         raise SystemExit(f"saving step {step} failed: the disk under --out {cfg.out} is full ({free / 2**20:.0f} MiB "
                          f"free); earlier checkpoints are intact: free some space and pass --resume") from None
-    if dist.is_initialized():
-        dist.barrier()
+    if failed is not None:
+        raise failed
+    raise SystemExit(f"saving step {step} failed on another rank (its error is printed there)")
 
 
-def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, tmp):
+def _disk_full(e):
+    """Whether an exception (or, for a CheckpointException, one of its ranks' failures) says the disk is full."""
+    if e is None:
+        return False
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    return any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in [e, *failures])
+
+
+def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, total_steps, tmp):
     final = os.path.join(cfg.out, f"step-{step:06d}")
     if env.master:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1097,7 +1138,8 @@ def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, 
         config.use_cache = False
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "longpo_config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "step": step, "data_sha256": data_sha256}, f, indent=1)
+            json.dump({**dataclasses.asdict(cfg), "step": step, "data_sha256": data_sha256,
+                       "total_steps": total_steps}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         print0(f"saved {final}")
@@ -1109,18 +1151,29 @@ RESUME_FIELDS = ("max_len", "rope_theta", "loss", "turn_agg", "sft_target", "bet
                  "warmup_ratio", "grad_clip", "dtype")
 
 
-def check_resumable(cfg, path, data_sha256):
+def check_resumable(cfg, path, data_sha256, total_steps):
     """Refuses a --resume whose settings differ from the checkpoint's. The data is compared by content (its
-    sha256), the model by resolved path."""
+    sha256), the model by resolved path; a field the checkpoint predates counts as its default, and a checkpoint
+    written before the sha256 was recorded compares the data's path. total_steps: the schedule's length, which
+    a cosine schedule or a --warmup_ratio reads."""
     with open(os.path.join(path, "longpo_config.json")) as f:
         saved = json.load(f)
-    diff = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
-    if saved.get("data_sha256", data_sha256) != data_sha256:
+    defaults = dataclasses.asdict(Config())
+    diff = [f"--{k} {saved.get(k, defaults[k])!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIELDS
+            if saved.get(k, defaults[k]) != getattr(cfg, k)]
+    if "data_sha256" not in saved:
+        if os.path.realpath(saved["data"]) != os.path.realpath(cfg.data):
+            diff.insert(0, f"--data {saved['data']!r} -> {cfg.data!r}")
+    elif saved["data_sha256"] != data_sha256:
         diff.insert(0, f"--data {cfg.data}: its contents changed (sha256 {saved['data_sha256'][:12]}... -> "
                        f"{data_sha256[:12]}...)")
     resolved = [os.path.realpath(m) if m else "" for m in (saved.get("model"), cfg.model)]
     if resolved[0] != resolved[1]:
         diff.insert(0, f"--model {saved.get('model')!r} -> {cfg.model!r}")
+    if (cfg.lr_schedule == "cosine" or (cfg.warmup_ratio and not cfg.warmup_steps)) \
+            and saved.get("total_steps", total_steps) != total_steps:
+        diff.append(f"the schedule's length {saved['total_steps']} -> {total_steps} steps (--max_steps), which "
+                    "the learning rate of every step depends on")
     if diff:
         raise SystemExit(f"--resume from {path}: the run was started with other settings: {'; '.join(diff)}")
 
@@ -1342,7 +1395,7 @@ def _train(cfg, env):
             print0(f"removing {tmp}: a checkpoint left unfinished by an earlier run")
             shutil.rmtree(tmp, ignore_errors=True)
     if found:
-        check_resumable(cfg, found[-1], data_sha256)
+        check_resumable(cfg, found[-1], data_sha256, len(steps))
     # DPO's reference is the initial policy's: computed (or read back) before a resumed run loads its weights
     ref = dpo_reference(cfg, env, policy, tokenizer, data, bool(found)) if cfg.loss == "dpo" else None
     start = 0
@@ -1351,7 +1404,7 @@ def _train(cfg, env):
         print0(f"resumed from {found[-1]} at step {start}")
         if start >= len(steps):
             print0(f"--resume: {found[-1]} is at step {start} and the schedule has {len(steps)} steps: nothing "
-                   "left to train (raise --epochs or --max_steps to go on)")
+                   "left to train (if --max_steps capped the run, a larger one goes on)")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if env.master and os.path.exists(metrics_path):  # drop lines of steps after the checkpoint we resume from
         with open(metrics_path) as f:
@@ -1418,7 +1471,7 @@ def _train(cfg, env):
                              f"the records at lines {step_lines} of {cfg.data}")
         # save
         if (step + 1) % cfg.save_every == 0 or step + 1 == len(steps):
-            save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype, data_sha256)
+            save_checkpoint(cfg, env, policy, optimizer, tokenizer, step + 1, save_dtype, data_sha256, len(steps))
     if metrics_file:
         metrics_file.close()
     if skipped_steps:

@@ -608,6 +608,24 @@ def test_one_run_at_a_time_into_out(tiny, tmp_path):
     longpo.unlock_dir(lock)
 
 
+def test_disk_full_on_rank_0_alone_stops_every_rank(tiny, tmp_path):
+    """Rank 0 alone writes the HF copy of a checkpoint; a full disk there must stop both ranks with the one
+    message (rank 1 must not walk on into the next step's collectives with a dead peer)."""
+    wrap = tmp_path / "wrap.py"
+    wrap.write_text("import errno, runpy, sys, transformers\n"
+                    "def full(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                    "transformers.PreTrainedModel.save_pretrained = full\n"
+                    f"sys.argv = ['longpo.py', *sys.argv[1:]]\nrunpy.run_path({os.path.join(HERE, 'longpo.py')!r}, "
+                    "run_name='__main__')\n")
+    out = tmp_path / "out"
+    with pytest.raises(AssertionError) as failed:
+        torchrun(2, wrap, *train_args(tiny, out, "--save_every", 1, "--sp", 1)[1:], timeout=180)
+    log = str(failed.value)
+    assert log.count(f"saving step 1 failed: the disk under --out {out} is full") == 1
+    assert "step 2/" not in log and "Connection closed" not in log and "_fsdp_collectives" not in log
+    assert longpo.checkpoints(str(out)) == [] and not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
 def test_disk_full_while_saving_says_so(tiny, tmp_path, monkeypatch):
     """torch reports a full disk in a checkpoint write as "unexpected pos ..." (a CheckpointException, a
     BaseException): the run says the disk under --out is full, removes the half-written directory, exit 2.
@@ -625,7 +643,7 @@ def test_disk_full_while_saving_says_so(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(longpo, "_write_checkpoint", full_disk)
     monkeypatch.setattr(longpo.shutil, "disk_usage", lambda p: longpo.SimpleNamespace(free=4096))
     with pytest.raises(SystemExit, match=f"saving step 3 failed: the disk under --out {cfg.out} is full"):
-        longpo.save_checkpoint(cfg, env, policy, None, tok, 3, torch.float32, "ab")
+        longpo.save_checkpoint(cfg, env, policy, None, tok, 3, torch.float32, "ab", 10)
     assert os.listdir(cfg.out) == []
     monkeypatch.undo()
     mnt = tmp_path / "mnt"
@@ -664,6 +682,38 @@ def test_config_flags(monkeypatch):
         longpo.setup_distributed(3)
 
 
+def test_flag_forms_and_old_checkpoints(tiny, tmp_path):
+    """Dashed flag names, a missing value naming its flag, negative values; check_resumable on a checkpoint
+    written before the data's sha256 and the schedule flags were recorded (their defaults count, the data path
+    is compared); a cosine schedule's length change refused."""
+    assert longpo.parse_config(longpo.Config, ["--max-len", "4096", "--lr=-0"]).max_len == 4096
+    with pytest.raises(SystemExit, match="^--out: expected one argument$"):
+        longpo.parse_config(longpo.Config, ["--out"])
+    with pytest.raises(SystemExit, match=r"^--lr -0.001 is out of range$"):
+        longpo.parse_config(longpo.Config, ["--lr", "-1e-3"])
+    assert "cosine to 0 over the run's steps" in longpo.field_comments(longpo.Config)["lr_schedule"]
+    ckpt = tmp_path / "step-000002"
+    ckpt.mkdir()
+    old = {k: v for k, v in dataclasses.asdict(longpo.Config(data="d/a.jsonl")).items()
+           if k not in ("lr_schedule", "warmup_ratio")}
+    (ckpt / "longpo_config.json").write_text(json.dumps({**old, "step": 2}))
+    longpo.check_resumable(longpo.Config(data="d/../d/a.jsonl"), str(ckpt), "ab", 10)
+    with pytest.raises(SystemExit, match="--data 'd/a.jsonl' -> 'd/b.jsonl'"):
+        longpo.check_resumable(longpo.Config(data="d/b.jsonl"), str(ckpt), "ab", 10)
+    cos = dict(lr_schedule="cosine", warmup_ratio=0.1)
+    (ckpt / "longpo_config.json").write_text(json.dumps({**dataclasses.asdict(longpo.Config(**cos)), "step": 2,
+                                                         "data_sha256": "ab", "total_steps": 10}))
+    longpo.check_resumable(longpo.Config(**cos), str(ckpt), "ab", 10)
+    with pytest.raises(SystemExit, match="the schedule's length 10 -> 20 steps"):
+        longpo.check_resumable(longpo.Config(**cos), str(ckpt), "ab", 20)
+    # the baselines read no stored reference: null ones are no error for --loss sft (only LongPO validates them)
+    rec = json.loads(open(tiny / "data.jsonl").readline())
+    for t in rec["turns"]:
+        t["ref_chosen_logp"], t["ref_rejected_logp"] = None, "n/a"
+    tok = longpo.load_model(str(tiny / "model"), torch.float32, "sdpa")[1]
+    assert longpo.pack_record(tok, rec)["ref"] is None
+
+
 def test_learning_rate_schedules_by_hand():
     """constant and cosine after a linear warm-up, against values worked out by hand: lr 1e-4, 20 steps, the
     released recipe's 10% warm-up = 2 steps (lr/2, lr), then 0.5 (1 + cos(pi (s - 2) / 18))."""
@@ -686,16 +736,16 @@ def test_schedule_and_resume_settings(tmp_path):
     ckpt = tmp_path / "step-000002"
     ckpt.mkdir()
     (ckpt / "longpo_config.json").write_text(json.dumps({**dataclasses.asdict(longpo.Config(lr=5e-7)), "step": 2}))
-    longpo.check_resumable(longpo.Config(lr=5e-7, max_steps=10, save_every=3), str(ckpt), "ab")  # free to change
+    longpo.check_resumable(longpo.Config(lr=5e-7, max_steps=10, save_every=3), str(ckpt), "ab", 10)  # free to change
     for flag, value in (("beta", 0.01), ("lam", 1.0), ("lr", 1e-6), ("grad_clip", 0.0)):
         with pytest.raises(SystemExit, match=f"--{flag} "):
-            longpo.check_resumable(longpo.Config(**{"lr": 5e-7, flag: value}), str(ckpt), "ab")
+            longpo.check_resumable(longpo.Config(**{"lr": 5e-7, flag: value}), str(ckpt), "ab", 10)
     # the data by content: the same bytes by another path resume, changed bytes at the same path do not
     (ckpt / "longpo_config.json").write_text(json.dumps({**dataclasses.asdict(longpo.Config(lr=5e-7)), "step": 2,
                                                          "data_sha256": "ab" * 32}))
-    longpo.check_resumable(longpo.Config(lr=5e-7, data="elsewhere.jsonl"), str(ckpt), "ab" * 32)
+    longpo.check_resumable(longpo.Config(lr=5e-7, data="elsewhere.jsonl"), str(ckpt), "ab" * 32, 10)
     with pytest.raises(SystemExit, match="--data data/longpo.jsonl: its contents changed"):
-        longpo.check_resumable(longpo.Config(lr=5e-7), str(ckpt), "cd" * 32)
+        longpo.check_resumable(longpo.Config(lr=5e-7), str(ckpt), "cd" * 32, 10)
     # data written by another model than the one trained: warned (the references must be πS's)
     rec = {"id": "a", "document": "some text", "turns": [{"chunk": [0, 4], "instruction": "what", "chosen": "x",
            "rejected": "y", "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}], "meta": {"model": "/ckpt/A"}}
