@@ -37,6 +37,7 @@ class BenchConfig:
     shape: str = "small"  # training on CPU: random model shape (small | smollm2 | 1b)
     tokenizer: str = ""  # training: tokenizer directory; "" = the embedded model's
     tokens: int = 8192  # sequence_parallel: length of the packed record
+    stages_doc: int = 2  # generation_stages: document of the embedded corpus (2: the first whose record keeps 2 turns)
 
 
 def _best(fn, repeats):
@@ -122,16 +123,16 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
             "same_tokens": out_reuse == out_fresh}
 
 
-def bench_generation_stages(model_dir="", repeats=1, reference_chunk=2048):
-    """One record of the embedded `python generate.py` (its first document: about 4K tokens, 1K-token chunks, 2
-    turns), each chunk prefilled once (build_record) against prefilled for each of its four uses (share_chunks=
-    False: the path before), by stage; then the reference log-probs of one turn at a reference_chunk-token chunk,
-    [I; y] over the chunk's cache (cached_response_logps; the cache itself is the pool's, so not timed) against
-    longpo.response_logps' full forward over [C_S; I; y], chosen and rejected. Sides alternate; the fastest of
-    `repeats` runs counts."""
+def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048):
+    """One record of the embedded `python generate.py` (document `doc` of its corpus: about 4K tokens, 1K-token
+    chunks, 2 turns), each chunk prefilled once (build_record) against prefilled for each of its four uses
+    (share_chunks=False: the path before), by stage; then the reference log-probs of one turn at a
+    reference_chunk-token chunk, [I; y] over the chunk's cache (cached_response_logps; the cache itself is the
+    pool's, so not timed) against longpo.response_logps' full forward over [C_S; I; y], chosen and rejected.
+    Sides alternate; the fastest of `repeats` runs counts."""
     model, tok = _load(model_dir)
     cfg = generate.GenConfig(**generate.EMBEDDED)
-    source, text = generate.synthetic_corpus(tok, 1, cfg.max_len // 2, cfg.max_len * 9 // 16, cfg.seed)[0]
+    source, text = generate.synthetic_corpus(tok, doc + 1, cfg.max_len // 2, cfg.max_len * 9 // 16, cfg.seed)[doc]
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     eos_ids = generate.eos_token_ids(model, tok)
     best, records = {}, {}
@@ -139,7 +140,7 @@ def bench_generation_stages(model_dir="", repeats=1, reference_chunk=2048):
         for side, share in (("old", False), ("new", True)):
             generate.STATS.clear()
             t0 = time.perf_counter()
-            records[side], counts = generate.build_record(cfg, model, tok, eos_ids, 0, source, text, offsets,
+            records[side], counts = generate.build_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
                                                           "bench", share_chunks=share)
             times = {k: generate.STATS[k + "_s"] for k in generate.STAGES}
             times["record"] = time.perf_counter() - t0
@@ -147,7 +148,7 @@ def bench_generation_stages(model_dir="", repeats=1, reference_chunk=2048):
     old, new = records["old"], records["new"]
     strip = [[{k: v for k, v in t.items() if not k.startswith("ref_")} for t in r["turns"]] if r else None
              for r in (old, new)]
-    row = {"doc_tokens": len(offsets), "chunk_tokens": cfg.chunk_tokens, "turns_sampled": counts["turns"],
+    row = {"doc": doc, "doc_tokens": len(offsets), "chunk_tokens": cfg.chunk_tokens, "turns_sampled": counts["turns"],
            "turns_kept": len(new["turns"]) if new else 0}
     for k in (*generate.STAGES, "record"):
         name = "reference_stage" if k == "reference" else k  # reference_speedup: the row below, at the longer chunk
@@ -454,7 +455,7 @@ SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when 
                                                            tokenizer=c.tokenizer),
     "decode": lambda c: [bench_decode(c.model, repeats=c.repeats)],
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
-    "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats),
+    "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats, doc=c.stages_doc),
     "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
 }
 
