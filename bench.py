@@ -37,6 +37,7 @@ class BenchConfig:
     shape: str = "small"  # training on CPU: random model shape (small | smollm2 | 1b)
     tokenizer: str = ""  # training: tokenizer directory; "" = the embedded model's
     tokens: int = 8192  # sequence_parallel: length of the packed record
+    stages_doc: int = 2  # generation_stages: document of the embedded corpus (2: the first whose record keeps 2 turns)
 
 
 def _best(fn, repeats):
@@ -120,6 +121,75 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
     return {"doc_tokens": len(prompts[0]), "instructions": n_instructions, "new_tokens": new_tokens,
             "reuse_s": round(t_reuse, 2), "fresh_s": round(t_fresh, 2), "speedup": round(t_fresh / t_reuse, 2),
             "same_tokens": out_reuse == out_fresh}
+
+
+def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048):
+    """One record of the embedded `python generate.py` (document `doc` of its corpus: about 4K tokens, 1K-token
+    chunks, 2 turns), each chunk prefilled once (build_record) against prefilled for each of its four uses
+    (share_chunks=False: the path before), by stage; then the reference log-probs of one turn at a
+    reference_chunk-token chunk, [I; y] over the chunk's cache (cached_response_logps; the cache itself is the
+    pool's, so not timed) against longpo.response_logps' full forward over [C_S; I; y], chosen and rejected.
+    Sides alternate; the fastest of `repeats` runs counts."""
+    model, tok = _load(model_dir)
+    cfg = generate.GenConfig(**generate.EMBEDDED)
+    source, text = generate.synthetic_corpus(tok, doc + 1, cfg.max_len // 2, cfg.max_len * 9 // 16, cfg.seed)[doc]
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    eos_ids = generate.eos_token_ids(model, tok)
+    best, records = {}, {}
+    for _ in range(repeats):
+        for side, share in (("old", False), ("new", True)):
+            generate.STATS.clear()
+            t0 = time.perf_counter()
+            records[side], counts = generate.build_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
+                                                          "bench", share_chunks=share)
+            times = {k: generate.STATS[k + "_s"] for k in generate.STAGES}
+            times["record"] = time.perf_counter() - t0
+            best[side] = {k: min(v, best.get(side, times)[k]) for k, v in times.items()}
+    old, new = records["old"], records["new"]
+    strip = [[{k: v for k, v in t.items() if not k.startswith("ref_")} for t in r["turns"]] if r else None
+             for r in (old, new)]
+    row = {"doc": doc, "doc_tokens": len(offsets), "chunk_tokens": cfg.chunk_tokens, "turns_sampled": counts["turns"],
+           "turns_kept": len(new["turns"]) if new else 0}
+    for k in (*generate.STAGES, "record"):
+        name = "reference_stage" if k == "reference" else k  # reference_speedup: the row below, at the longer chunk
+        row.update({f"old_{k}_s": round(best["old"][k], 2), f"new_{k}_s": round(best["new"][k], 2),
+                    f"{name}_speedup": round(best["old"][k] / max(best["new"][k], 1e-9), 2)})
+    row["same_answers"] = strip[0] == strip[1]
+    if old and new and strip[0] == strip[1]:
+        row["max_ref_diff"] = max(abs(a[k] - b[k]) for a, b in zip(old["turns"], new["turns"])
+                                  for k in ("ref_chosen_logp", "ref_rejected_logp"))
+    print_row(row)
+
+    # one turn's reference log-probs at a longer chunk: the record's first answers (or stand-ins) on its opening
+    s, e = generate.chunk_spans(offsets, text, reference_chunk)[0]
+    turn = new["turns"][0] if new else {"instruction": generate.FALLBACK_INSTRUCTION, "chosen": "The ledger.",
+                                        "rejected": "A ledger of trade."}
+    user = text[s:e] + "\n\n" + turn["instruction"]
+    messages = [[user, turn[key]] for key in ("chosen", "rejected")]
+    prompt = longpo.render_chat(tok, [user])[0]
+    prefix = prompt[:generate.common_prefix_len([prompt, longpo.render_chat(tok, [text[s:e]])[0]])]
+    cache, cached = generate.prefill_prefixes(model, [prefix], cfg.prefill_chunk)
+
+    def full():
+        return [longpo.response_logps(model, tok, m)[0].item() for m in messages]
+
+    def cached_ref():
+        return [generate.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m)],
+                                               cfg.prefill_chunk)[0].item() for m in messages]
+
+    t_full, t_cached = float("inf"), float("inf")
+    for _ in range(max(repeats, 2)):
+        t, ref_full = _best(full, 1)
+        t_full = min(t_full, t)
+        t, ref_cached = _best(cached_ref, 1)
+        t_cached = min(t_cached, t)
+    row2 = {"reference_chunk_tokens": len(prefix), "instruction_tokens": len(prompt) - len(prefix),
+            "response_tokens": sum(t == 1 for m in messages for t in longpo.render_chat(tok, m)[1]),
+            "full_forward_s": round(t_full, 3), "cached_s": round(t_cached, 3),
+            "reference_speedup": round(t_full / t_cached, 2),
+            "max_abs_diff": max(abs(a - b) for a, b in zip(ref_full, ref_cached))}
+    print_row(row2)
+    return [row, row2]
 
 
 # -----------------------------------------------------------------------------
@@ -403,6 +473,7 @@ SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when 
                                                            tokenizer=c.tokenizer),
     "decode": lambda c: [bench_decode(c.model, repeats=c.repeats)],
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
+    "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats, doc=c.stages_doc),
     "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
 }
 

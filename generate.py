@@ -6,7 +6,8 @@ and pick one instruction I^i, then answer it twice (greedily, B.1): chosen y_S^i
 given [C_L; I^i]. The reference log-probs log πS(y | C_S^i, I^i) of Eq. 12-13 are stored in each turn, so training
 holds no reference model. Chunks are sized so that πS answers them inside its own window; only the rejected answer is
 generated past it (optionally at another RoPE base, --long_rope_theta). The sampler is hand-written over
-transformers' KV cache: prefill, decode_one_token, sample.
+transformers' KV cache: prefill, decode_one_token, sample. Each chunk is prefilled once per turn, and its cache
+serves the chunk's pool, its chosen answer and both of its reference log-probs; the document's once for all turns.
 
     # 8 GPUs, data parallel over documents (the paper's 128K setting: documents of 64K-128K tokens, chunks of up to
     # 32K, here the most that Mistral-7B-Instruct-v0.2's 32K window leaves beside the prompt and answer budgets)
@@ -98,7 +99,8 @@ RESUME_FREE = ("out", "max_docs", "stop_after", "corpus")  # the corpus is compa
 # -----------------------------------------------------------------------------
 # sampler: prefill, decode_one_token, sample (gpt-fast's two verbs, llama's sample_top_p)
 
-STATS = Counter()  # prefill / decode tokens and seconds, for the progress lines
+STATS = Counter()  # prefill / decode tokens and seconds, and seconds per build_record stage: the progress lines
+STAGES = ("pool", "chosen", "rejected", "reference")  # build_record's stages; the pool's holds the chunks' prefill
 
 
 def _sync(device):
@@ -117,11 +119,10 @@ def cache_kwargs(model, cache):
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
-@torch.inference_mode()
-def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
-    """Feed input_ids (B, T) after the cache's past tokens, chunk tokens per forward, and return the logits of the
-    last position only (B, V): no (T, V) logits are built. attention_mask (B, past + T) marks real tokens (None: no
-    padding); position_ids (B, T) default to past + arange(T)."""
+def _forward_chunks(model, input_ids, cache, chunk, attention_mask=None, position_ids=None):
+    """Feed input_ids (B, T) after the cache's past tokens, chunk tokens per forward, yielding each forward's hidden
+    states (B, e - s, d). attention_mask (B, past + T) marks real tokens (None: no padding); position_ids (B, T)
+    default to past + arange(T)."""
     B, T = input_ids.shape
     past = cache.get_seq_length()
     if position_ids is None:
@@ -129,8 +130,16 @@ def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_i
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
         mask = attention_mask[:, :past + e] if attention_mask is not None else None  # (B, past + e): keys so far
-        hidden = model.model(input_ids=input_ids[:, s:e], position_ids=position_ids[:, s:e], attention_mask=mask,
-                             **cache_kwargs(model, cache), use_cache=True).last_hidden_state  # (B, e - s, d)
+        yield model.model(input_ids=input_ids[:, s:e], position_ids=position_ids[:, s:e], attention_mask=mask,
+                          **cache_kwargs(model, cache), use_cache=True).last_hidden_state  # (B, e - s, d)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
+    """Feed input_ids (B, T) after the cache's past tokens (as _forward_chunks) and return the logits of the last
+    position only (B, V): no (T, V) logits are built."""
+    for hidden in _forward_chunks(model, input_ids, cache, chunk, attention_mask, position_ids):
+        pass
     return _logits(model, hidden[:, -1])  # (B, V)
 
 
@@ -167,23 +176,32 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 # batched generation: left (or middle) padding, per-row stop, a shared document prefix computed once
 
 
-@torch.inference_mode()
-def _generate(model, cache, prompts, past, eos_ids, max_new_tokens, temperature, top_p, generator, prefill_chunk):
-    """Continue every row of `cache` (holding `past` shared tokens, or none) with its own prompt, then decode.
-    Prompts of unequal length are padded on the left of the prompt, i.e. between the shared prefix and the prompt:
-    the mask hides the pads and position ids skip them, so each row sees exactly [prefix; its prompt]."""
-    device = next(model.parameters()).device
+def _pad_batch(prompts, past_mask):
+    """Token ids (B, L), attention mask (B, past + L) and position ids (B, L) for prompts that continue a cache
+    whose entries row b may read are past_mask[b] (B, past). Prompts of unequal length are padded on the left of
+    the prompt, i.e. between the cache and the prompt: the mask hides the pads (and any cache entry the row may not
+    read), and position ids count only the row's real tokens, so each row sees exactly [its cached tokens; its
+    prompt]."""
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, past + L, dtype=torch.long)
+    mask = torch.cat([past_mask, torch.zeros(B, L, dtype=torch.long)], 1)  # (B, past + L)
     pos = torch.zeros(B, L, dtype=torch.long)
-    mask[:, :past] = 1
     for b, p in enumerate(prompts):
         n = len(p)
-        ids[b, L - n:] = torch.tensor(p)
-        mask[b, past + L - n:] = 1
-        pos[b, L - n:] = past + torch.arange(n)  # the true positions: pads take none
-    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+        ids[b, L - n:] = torch.tensor(p, dtype=torch.long)
+        mask[b, mask.shape[1] - n:] = 1
+        pos[b, L - n:] = int(past_mask[b].sum()) + torch.arange(n)  # the true positions: pads take none
+    return ids, mask, pos
+
+
+@torch.inference_mode()
+def _generate(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
+              prefill_chunk):
+    """Continue every row of `cache` with its own prompt, then decode. past_mask (B, past): the cache entries each
+    row reads (its real past tokens, which sit at positions 0, 1, ...); _pad_batch lays out the prompts."""
+    device = next(model.parameters()).device
+    B = len(prompts)
+    ids, mask, pos = (x.to(device) for x in _pad_batch(prompts, past_mask))
     padded = not bool(mask.all())  # without pads, no mask: SDPA takes its causal fast path
     t0 = time.time()
     logits = prefill(model, ids, cache, prefill_chunk, mask if padded else None, pos)  # (B, V)
@@ -227,11 +245,17 @@ def new_cache(model):
 
 
 def generate_tokens(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-                    prefill_chunk=2048):
+                    prefill_chunk=2048, cache=None, cached=None):
     """prompts: lists of token ids (unequal lengths, batched with left padding). Returns per prompt (tokens,
-    finished): tokens without the EOS; finished is False when the row stopped at max_new_tokens."""
-    return _generate(model, new_cache(model), prompts, 0, eos_ids, max_new_tokens, temperature, top_p, generator,
-                     prefill_chunk)
+    finished): tokens without the EOS; finished is False when the row stopped at max_new_tokens. cache, cached:
+    from prefill_prefixes, one row per prompt; each prompt then continues the row's cached tokens as far as they
+    begin it, and the cache is left as it was (decoding runs over a copy: finished rows leave the batch)."""
+    if cache is None:
+        return _generate(model, new_cache(model), prompts, torch.zeros(len(prompts), 0, dtype=torch.long), eos_ids,
+                         max_new_tokens, temperature, top_p, generator, prefill_chunk)
+    past_mask, rest = read_prefixes(cached, prompts)
+    return _generate(model, copy.deepcopy(cache), rest, past_mask, eos_ids, max_new_tokens, temperature, top_p,
+                     generator, prefill_chunk)
 
 
 def common_prefix_len(prompts):
@@ -264,12 +288,83 @@ def generate_with_prefix_cache(model, prompts, eos_ids, max_new_tokens, temperat
         rows = prompts[s:s + max(group, 1)]
         if len(rows) > 1:
             cache.batch_repeat_interleave(len(rows))  # (1, H, p, D) -> (B, H, p, D): each row its own copy
-        results += _generate(model, cache, [q[p:] for q in rows], p, eos_ids, max_new_tokens, temperature, top_p,
-                             generator, prefill_chunk)
+        results += _generate(model, cache, [q[p:] for q in rows], torch.ones(len(rows), p, dtype=torch.long), eos_ids,
+                             max_new_tokens, temperature, top_p, generator, prefill_chunk)
         cache.crop(p - cache.get_seq_length())  # back to the shared prefix (crop takes minus the tokens to drop)
         if len(rows) > 1:
             cache.batch_select_indices(torch.tensor([0], device=device))  # (B, H, p, D) -> (1, H, p, D)
     return results
+
+
+# -----------------------------------------------------------------------------
+# chunk prefixes: each chunk C_S^i prefilled once per turn, served to its pool, its chosen answer and both of its
+# reference log-probs
+
+
+def prefill_prefixes(model, prefixes, prefill_chunk=2048):
+    """One cache row per prefix (B rows, left padded: row b's tokens at the right end of the cache), prefilled
+    once. Returns (cache, cached): cached[b], the tokens row b holds. generate_tokens decodes over a copy of it;
+    cached_response_logps feeds it and crops it back."""
+    device = next(model.parameters()).device
+    cache = new_cache(model)
+    if max(len(p) for p in prefixes) > 0:
+        ids, mask, pos = (x.to(device) for x in _pad_batch(prefixes, torch.zeros(len(prefixes), 0, dtype=torch.long)))
+        t0 = time.time()
+        prefill(model, ids, cache, prefill_chunk, None if bool(mask.all()) else mask, pos)
+        _sync(device)
+        STATS["prefill_tokens"] += sum(len(p) for p in prefixes)
+        STATS["prefill_s"] += time.time() - t0
+    return cache, [list(p) for p in prefixes]
+
+
+def read_prefixes(cached, prompts):
+    """Which entries of a prefill_prefixes cache each prompt reads: row b's cached tokens as far as they begin
+    prompts[b], keeping at least its last token to feed (its logits start what follows). A tokenizer may merge a
+    chunk's last characters with the text after it, so the cached tokens are checked, not assumed: any that the
+    prompt does not share are masked, and the prompt is fed from there. Returns (past_mask (B, past), the prompt
+    tokens still to feed)."""
+    past = max(len(c) for c in cached)
+    past_mask = torch.zeros(len(prompts), past, dtype=torch.long)
+    rest = []
+    for b, (c, p) in enumerate(zip(cached, prompts)):
+        q = min(common_prefix_len([c, p]), len(p) - 1)
+        past_mask[b, past - len(c):past - len(c) + q] = 1  # the row's first q tokens: positions 0 .. q - 1
+        rest.append(p[q:])
+    return past_mask, rest
+
+
+def keep_rows(cache, cached, rows, device):
+    """Keep only rows `rows` of a prefill_prefixes cache, in that order: the others' memory is freed."""
+    cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=device))  # (B, H, T, D) -> (B', H, T, D)
+    return [cached[r] for r in rows]
+
+
+@torch.inference_mode()
+def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, logp_chunk=1024):
+    """longpo.response_logps of one-turn chats, batched over a prefill_prefixes cache: seqs[b] = (ids, turns) of
+    render_chat's [user, response] for row b. Only what the row's cached tokens leave of its sequence is fed,
+    padded between the cache and the rest (_pad_batch), and the LM head runs on the response's positions only
+    (render_chat's turn 1, through the end-of-turn marker), in chunks. Returns (B,) float64, the sum over each
+    response's tokens; the cache is cropped back to the prefixes."""
+    device = next(model.parameters()).device
+    past_mask, rest = read_prefixes(cached, [ids[:turns.index(1)] for ids, turns in seqs])  # rest: prompt tails
+    rest = [tail + ids[turns.index(1):] for tail, (ids, turns) in zip(rest, seqs)]  # (prompt tail; response; ...)
+    ids, mask, pos = (x.to(device) for x in _pad_batch(rest, past_mask))
+    L = ids.shape[1]
+    rows, cols, targets = [], [], []
+    for b, (seq, turns) in enumerate(seqs):
+        for t, turn in enumerate(turns):
+            if turn == 1:  # token t sits at column L - len(seq) + t; the column before it predicts it
+                rows.append(b)
+                cols.append(L - len(seq) + t - 1)
+                targets.append(seq[t])
+    hidden = torch.cat(list(_forward_chunks(model, ids, cache, prefill_chunk, None if bool(mask.all()) else mask,
+                                            pos)), 1)  # (B, L, d): d wide, never V wide
+    cache.crop(-L)  # back to the prefixes
+    rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    logps = longpo.chunked_logps(hidden[rows, cols], model.lm_head.weight, torch.tensor(targets, device=device),
+                                 logp_chunk).double()  # (M,) for the M response tokens of all rows
+    return torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, rows, logps)
 
 
 def eos_token_ids(model, tokenizer):
@@ -554,9 +649,12 @@ def doc_seed(seed, index):
     return (seed * 1_000_003 + index) % 2**63
 
 
-def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name):
+def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name, share_chunks=True):
     """Returns (record or None, counts). counts holds turns sampled, fallback instructions and each dropped turn's
-    branch and reason."""
+    branch and reason. Each chunk C_S^i is prefilled once ([template; C_S^i], prefill_prefixes) and its cache
+    serves the pool, the chosen answer and both reference log-probs; share_chunks=False prefills the chunk anew
+    for each of the four and runs longpo.response_logps per reference (the path before, which bench.py times).
+    Seconds per stage (pool, chosen, rejected, reference) are added to STATS."""
     device = next(model.parameters()).device
     seed = doc_seed(cfg.seed, index)
     rng = random.Random(seed)
@@ -572,47 +670,64 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
         reason = reject_reason(answer, finished, cfg, branch, specials)
         return reason or (None if fits_window(tokenizer, window, user, answer) else "over_window")
 
+    def stage_done(name, t0):  # seconds of one stage into STATS; returns the clock for the next
+        _sync(device)
+        STATS[name + "_s"] += time.time() - t0
+        return time.time()
+
     sample_args = dict(eos_ids=eos_ids, prefill_chunk=cfg.prefill_chunk)
     response_args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
                          top_p=cfg.response_top_p, generator=gen, **sample_args)  # B.1: greedy by default
 
     # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1)
+    t0 = time.time()
     spans = sample_chunks(chunk_spans(offsets, text, cfg.chunk_tokens, cfg.min_chunk_tokens), cfg.chunks_per_doc, rng)
     counts["turns"] += len(spans)
+    pool_prompts = [render(text[s:e] + "\n\n" + POOL_PROMPT.format(n=cfg.pool_size)) for s, e in spans]
+    # each chunk's KV cache, computed once: the tokens its pool prompt shares with [template; C_S^i] alone, which
+    # every later use of the chunk begins with (read_prefixes checks it, token by token). It is kept until the
+    # reference log-probs: beside the document's cache while the rejected answers decode
+    prefixes = [p[:common_prefix_len([p, render(text[s:e])])] if share_chunks else []
+                for p, (s, e) in zip(pool_prompts, spans)]
+    cache, cached = prefill_prefixes(model, prefixes, cfg.prefill_chunk)
     # an instruction pool per chunk (B.1: T = 0.7, top-p = 0.9), one instruction I^i picked from it at random
-    pools = generate_tokens(model, [render(text[s:e] + "\n\n" + POOL_PROMPT.format(n=cfg.pool_size)) for s, e in spans],
-                            max_new_tokens=cfg.pool_max_new_tokens, temperature=cfg.pool_temperature,
-                            top_p=cfg.pool_top_p, generator=gen, **sample_args)
-    asked = []  # (chunk span, instruction)
-    for span, (toks, finished) in zip(spans, pools):
+    pools = generate_tokens(model, pool_prompts, max_new_tokens=cfg.pool_max_new_tokens,
+                            temperature=cfg.pool_temperature, top_p=cfg.pool_top_p, generator=gen, cache=cache,
+                            cached=cached, **sample_args)
+    asked = []  # (cache row, chunk span, instruction)
+    for row, (span, (toks, finished)) in enumerate(zip(spans, pools)):
         pool = parse_pool(tokenizer.decode(toks, skip_special_tokens=True), finished)
         pool = [p for p in pool if not longpo.special_in(p, specials)]  # unrenderable: see reject_reason
         if not pool and cfg.pool_fallback:
             counts["fallback_instruction"] += 1  # a small πS may write no usable line
             pool = [FALLBACK_INSTRUCTION]
         if pool:
-            asked.append((span, rng.choice(pool)))
+            asked.append((row, span, rng.choice(pool)))
         else:
             counts["dropped: no instruction"] += 1  # --pool_fallback false: the chunk gives no turn
+    cached = keep_rows(cache, cached, [row for row, _, _ in asked], device)  # the chunks' cache, row a for asked[a]
+    t0 = stage_done("pool", t0)
     # §3.3 step 2, response generation: chosen y_S^i given x_S = [C_S^i; I^i]. A turn whose chosen answer fails a
     # filter (§4.1) is dropped before its rejected answer is computed: the long side is the costly one
-    shorts = [text[s:e] + "\n\n" + ins for (s, e), ins in asked]  # the user message of x_S
-    chosen = generate_tokens(model, [render(u) for u in shorts], **response_args)
+    shorts = [text[s:e] + "\n\n" + ins for _, (s, e), ins in asked]  # the user message of x_S
+    chosen = generate_tokens(model, [render(u) for u in shorts], cache=cache, cached=cached,
+                             **response_args) if asked else []
     kept = []
-    for ((s, e), ins), user, (toks, finished) in zip(asked, shorts, chosen):
+    for row, ((_, (s, e), ins), user, (toks, finished)) in enumerate(zip(asked, shorts, chosen)):
         y_s = tokenizer.decode(toks, skip_special_tokens=True).strip()
         reason = drop_reason(y_s, finished, "chosen", user)
         if reason:
             counts["dropped: chosen " + reason] += 1
         else:
-            kept.append((dict(chunk=[s, e], instruction=ins, chosen=y_s), user))
+            kept.append((row, dict(chunk=[s, e], instruction=ins, chosen=y_s), user))
+    t0 = stage_done("chosen", t0)
     # rejected y_L^i given x_L = [C_L; I^i], at the long branch's RoPE base; the document's KV cache is computed once
     # for all instructions
     with rope_base(model, cfg.long_rope_theta):
-        rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for t, _ in kept],
+        rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for _, t, _ in kept],
                                               group=cfg.long_group, **response_args) if kept else []
-    turns = []
-    for (t, user), (toks, finished) in zip(kept, rejected):
+    turns, rows = [], []
+    for (row, t, user), (toks, finished) in zip(kept, rejected):
         t["rejected"] = tokenizer.decode(toks, skip_special_tokens=True).strip()
         reason = drop_reason(t["rejected"], finished, "rejected", user)  # its reference is on [C_S; I] too
         reason = "rejected " + reason if reason else None
@@ -622,14 +737,25 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
             counts["dropped: " + reason] += 1
         else:
             turns.append(t)
+            rows.append(row)
+    t0 = stage_done("rejected", t0)
     if not turns:
         counts["documents without a turn left"] += 1
         return None, counts
     record = {"id": f"doc-{index:05d}", "document": text, "turns": turns}
-    for i, t in enumerate(turns):  # log πS(y | C_S^i, I^i) of Eq. 12-13, through the rendering training uses, at
-        for key in ("chosen", "rejected"):  # πS's own RoPE base: the reference is πS on the short chunk
-            messages = longpo.short_messages(record, i, t[key])
-            t[f"ref_{key}_logp"] = longpo.response_logps(model, tokenizer, messages)[0].item()
+    # log πS(y | C_S^i, I^i) of Eq. 12-13, through the rendering training uses, at πS's own RoPE base (the reference
+    # is πS on the short chunk): over the chunk's cache, [I^i; y] fed and the response positions alone through the head
+    cached = keep_rows(cache, cached, rows, device)
+    for key in ("chosen", "rejected"):
+        messages = [longpo.short_messages(record, i, t[key]) for i, t in enumerate(turns)]
+        if share_chunks:
+            seqs = [longpo.render_chat(tokenizer, m) for m in messages]
+            logps = cached_response_logps(model, cache, cached, seqs, cfg.prefill_chunk).tolist()
+        else:
+            logps = [longpo.response_logps(model, tokenizer, m)[0].item() for m in messages]
+        for t, logp in zip(turns, logps):
+            t[f"ref_{key}_logp"] = logp
+    stage_done("reference", t0)
     record["meta"] = {"model": model_name, "source": source, "long_tokens": len(offsets), "seed": seed}
     longpo.validate_record(record, f"document {index} ({source})")
     return record, counts
@@ -857,11 +983,13 @@ def main(argv):
             processed += 1
             # progress: documents done, prefill and decode throughput, time left (this rank's share)
             elapsed = time.time() - t_start
+            stages = " ".join(f"{k} {STATS[k + '_s'] / processed:.1f}s" for k in STAGES)  # this rank's mean
             longpo.print0(
                 f"doc {processed}/{len(todo)} (rank 0) | turns kept {len(record['turns']) if record else 0} | dropped "
                 f"so far: chosen {branch_drops(seen, 'chosen')}, rejected {branch_drops(seen, 'rejected')} | "
                 f"prefill {STATS['prefill_tokens'] / max(STATS['prefill_s'], 1e-9):.0f} tok/s | "
                 f"decode {STATS['decode_tokens'] / max(STATS['decode_s'], 1e-9):.1f} tok/s | "
+                f"per record: {stages} | "
                 f"elapsed {elapsed:.0f}s | left ~{elapsed / processed * (len(todo) - processed):.0f}s")
 
     # merge: rank 0, after every rank has finished, in document order (none if any rank stopped early)

@@ -988,6 +988,29 @@ def test_prefix_cache_reuse_equals_fresh_prefills(tiny_models):
     assert G.generate_with_prefix_cache(model, prompts + prompts[:1], eos, 10, group=2) == fresh + fresh[:1]
 
 
+def test_generation_over_chunk_prefixes_equals_fresh_prefills(tiny_models):
+    """generate_tokens over a prefill_prefixes cache (rows of uneven length, padded between the cached prefix and
+    the prompt; one row's cached tokens reaching past what its prompt shares, so masked) gives the tokens of fresh
+    prefills (float64: no near-tie can flip), rows stopping at their EOS, and leaves the cache as it was."""
+    model, tok = load(tiny_models["llama"], torch.float64)
+    rng = random.Random(8)
+    chunks = [words(rng, n) for n in (25, 90, 60)]
+    prompts = [longpo.render_chat(tok, [c + "\n\n" + q])[0] for c, q in zip(chunks, ("what is it", "who", "where"))]
+    alone = longpo.render_chat(tok, [chunks[0]])[0]  # as build_record: what the prompt shares with the chunk alone
+    prefixes = [prompts[0][:G.common_prefix_len([prompts[0], alone])], longpo.render_chat(tok, [chunks[1]])[0],
+                longpo.render_chat(tok, [chunks[2] + "\n\nRead the text"])[0][:-1]]
+    cache, cached = G.prefill_prefixes(model, prefixes, prefill_chunk=16)
+    past_mask, _ = G.read_prefixes(cached, prompts)
+    assert (past_mask.sum(1) < torch.tensor([len(c) for c in cached])).tolist() == [False, True, True]  # masked
+    keys = [layer.keys.clone() for layer in cache.layers]
+    fresh = [G.generate_tokens(model, [p], [], 10)[0] for p in prompts]
+    for eos in ([], [fresh[1][0][2]]):
+        fresh = [G.generate_tokens(model, [p], eos, 10)[0] for p in prompts]
+        assert G.generate_tokens(model, prompts, eos, 10, prefill_chunk=5, cache=cache, cached=cached) == fresh
+    assert any(f for _, f in fresh) and not all(f for _, f in fresh)  # a row stopped early, another did not
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(cache.layers, keys))  # the cache as it was
+
+
 def test_nucleus_kept_set_equals_transformers_top_p():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
     g = torch.Generator().manual_seed(0)
@@ -1023,6 +1046,15 @@ def gen_cfg(**overrides):
 def record_of(cfg, model, tok, text, index=0):
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return G.build_record(cfg, model, tok, [tok.eos_token_id], index, "test", text, offsets, "tiny")
+
+
+def same_turns(a, b, tol=1e-4):
+    """Equal turns, the reference log-probs to a relative tol (batched over other turns, float32 rounds them)."""
+    def text(t):
+        return {k: v for k, v in t.items() if not k.startswith("ref_")}
+    return len(a) == len(b) and all(text(x) == text(y) and all(
+        abs(x[k] - y[k]) <= tol * max(1.0, abs(y[k])) for k in ("ref_chosen_logp", "ref_rejected_logp"))
+        for x, y in zip(a, b))
 
 
 def answers(record):
@@ -1068,8 +1100,9 @@ def test_long_rope_theta_changes_only_the_rejected_branch(tiny_models):
         assert (a["chunk"], a["instruction"], a["chosen"], a["ref_chosen_logp"]) == \
                (b["chunk"], b["instruction"], b["chosen"], b["ref_chosen_logp"])
         messages = longpo.short_messages(rec, i, a["rejected"])
-        assert a["ref_rejected_logp"] == longpo.response_logps(model, tok, messages)[0].item()
-        assert a["ref_rejected_logp"] != longpo.response_logps(long_model, tok, messages)[0].item()
+        own, other = (longpo.response_logps(m, tok, messages)[0].item() for m in (model, long_model))
+        assert abs(a["ref_rejected_logp"] - own) <= 1e-4 * max(1.0, abs(own))  # over the chunk's cache: float32
+        assert abs(a["ref_rejected_logp"] - other) > 1e-2
 
 
 # -----------------------------------------------------------------------------
@@ -1154,7 +1187,8 @@ def test_turns_past_the_window_are_dropped_and_counted(tiny_models):
     over_r = sum(c <= W < r for c, r in lengths)
     assert counts["dropped: chosen over_window"] == over_c and counts["dropped: rejected over_window"] == over_r
     assert over_c + over_r >= 2
-    assert rec["turns"] == [t for t, (c, r) in zip(full["turns"], lengths) if max(c, r) <= W]
+    # the same turns; the reference log-probs, batched over the turns kept, to float32 rounding
+    assert same_turns(rec["turns"], [t for t, (c, r) in zip(full["turns"], lengths) if max(c, r) <= W])
 
 
 def test_length_filter_boundaries():
@@ -1284,6 +1318,58 @@ def test_bad_corpus_messages(tmp_path, tiny_models):
     with pytest.raises(SystemExit, match=r"short.txt: no document has a token length in \(256, 512\]"):
         G.main(["--model", tiny_models["llama"], "--corpus", str(short), "--max_len", "512",
                 "--out", str(tmp_path / "o.jsonl")])
+
+
+# -----------------------------------------------------------------------------
+# reference log-probs over the chunk's cache
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, dtype, tol):
+    """log πS(y | C_S, I) from [I; y] fed over the chunks' cache equals longpo.response_logps' full forward over
+    [C_S; I; y], for several turns of uneven chunk lengths in one batch (one row's cached tokens reaching past what
+    its sequence shares), chosen then rejected over the same cache, with a chunked prefill."""
+    if dtype == torch.float64:  # exact_rmsnorm, undone after the test
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        monkeypatch.setattr(LlamaRMSNorm, "forward", lambda self, x: self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)))
+    model, tok = load(tiny_models["llama"], dtype)
+    rng = random.Random(3)
+    chunks = [words(rng, n) for n in (40, 110, 70, 15)]
+    users = [c + "\n\n" + "what " + words(rng, rng.randint(2, 8)) for c in chunks]
+    prefixes = [longpo.render_chat(tok, [c])[0] for c in chunks]
+    prefixes[1] = longpo.render_chat(tok, [chunks[1] + "\n\nRead the text above"])[0][:-1]
+    cache, cached = G.prefill_prefixes(model, prefixes, prefill_chunk=16)
+    past = cache.get_seq_length()
+    for lengths in ((5, 30, 12, 1), (22, 3, 9, 17)):  # chosen, then rejected
+        messages = [[u, words(rng, n)] for u, n in zip(users, lengths)]
+        got = G.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m) for m in messages],
+                                      prefill_chunk=16, logp_chunk=7)
+        want = torch.cat([longpo.response_logps(model, tok, m) for m in messages])
+        assert got.dtype == torch.float64 and cache.get_seq_length() == past
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
+    """build_record with each chunk prefilled once gives the record of the path that prefills it four times
+    (share_chunks=False: fresh pools and chosen answers, longpo.response_logps per reference), in float64 to
+    1e-10, with fewer prefill tokens; the stages' seconds are counted."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    monkeypatch.setattr(LlamaRMSNorm, "forward", lambda self, x: self.weight * (
+        x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)))
+    model, tok = load(tiny_models["llama"], torch.float64)
+    text = words(random.Random(20), 300)
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    out = {}
+    for share in (False, True):
+        G.STATS.clear()
+        out[share] = G.build_record(gen_cfg(), model, tok, [tok.eos_token_id], 0, "test", text, offsets, "tiny",
+                                    share_chunks=share), G.STATS["prefill_tokens"]
+        assert all(G.STATS[k + "_s"] > 0 for k in G.STAGES)
+    (old, old_counts), old_tokens = out[False]
+    (new, new_counts), new_tokens = out[True]
+    assert old_counts == new_counts and len(new["turns"]) >= 2 and new_tokens < old_tokens
+    assert same_turns(new["turns"], old["turns"], tol=1e-10) and new["meta"] == old["meta"]
 
 
 # -----------------------------------------------------------------------------
