@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 import longpo
+from longpo import checked
 
 
 # -----------------------------------------------------------------------------
@@ -56,36 +57,40 @@ class GenConfig:
     out: str = "data/longpo.jsonl"  # merged records; per-rank parts live in OUT.parts/
     max_docs: int = -1  # consider only the first N corpus documents; -1 = all
     # lengths (paper §4.1, for the 128K target)
-    max_len: int = 131072  # keep documents whose token length lies in (max_len/2, max_len]
-    chunk_tokens: int = 0  # |C_S^i|: documents are cut into consecutive chunks of up to this many tokens (paper: 32K);
-    # 0 = the longest that keeps πS inside its window (max_chunk_tokens); a larger one is refused
-    min_chunk_tokens: int = 128  # a shorter trailing chunk is never sampled (too little to ask about)
-    chunks_per_doc: int = 4  # n: at most this many chunks sampled at random per document (turns of a record)
+    max_len: int = checked(131072, lambda x: x >= 2)  # keep documents whose token length lies in (max_len/2, max_len]
+    chunk_tokens: int = checked(0, lambda x: x >= 0)  # |C_S^i|: documents are cut into consecutive chunks of up to
+                                                      # this many tokens (paper: 32K); 0 = the longest that keeps πS
+                                                      # inside its window (max_chunk_tokens); a larger one is refused
+    min_chunk_tokens: int = checked(128, lambda x: x >= 1)  # a shorter trailing chunk is never sampled
+    chunks_per_doc: int = checked(4, lambda x: x >= 1)  # n: at most this many chunks sampled per document (turns)
     # instruction pool (Appendix B.1)
-    pool_size: int = 4  # instructions asked for per chunk, one of which is picked at random (§4.1: 4)
-    pool_temperature: float = 0.7  # T for the instruction pool
-    pool_top_p: float = 0.9  # top-p for the instruction pool
-    pool_max_new_tokens: int = 256  # token budget of the pool (and so of one instruction, a line of it)
+    pool_size: int = checked(4, lambda x: x >= 1)  # instructions asked for per chunk, one picked at random (§4.1: 4)
+    pool_temperature: float = checked(0.7, lambda x: x >= 0)  # T for the instruction pool
+    pool_top_p: float = checked(0.9, lambda x: 0 < x <= 1)  # top-p for the instruction pool
+    pool_max_new_tokens: int = checked(256, lambda x: x >= 1)  # token budget of the pool (and so of one instruction)
     pool_fallback: bool = True  # a pool with no usable line: FALLBACK_INSTRUCTION (counted); false drops the chunk
     # responses (Appendix B.1: greedy, i.e. temperature 0; the released generation samples at 1.0, top-p 1.0)
-    max_new_tokens: int = 1024  # token budget of each response
-    response_temperature: float = 0.0  # T for chosen and rejected answers; 0 = greedy (exact argmax)
-    response_top_p: float = 1.0  # top-p for chosen and rejected answers (at temperature > 0)
-    long_rope_theta: float = 0.0  # RoPE base while πS answers over the long document C_L (rejected y_L only); 0 =
-    # πS's own. Chosen answers, pools and all reference log-probs keep πS's own base
+    max_new_tokens: int = checked(1024, lambda x: x >= 1)  # token budget of each response
+    response_temperature: float = checked(0.0, lambda x: x >= 0)  # T for chosen and rejected answers; 0 = greedy
+    response_top_p: float = checked(1.0, lambda x: 0 < x <= 1)  # top-p for the answers (at temperature > 0)
+    long_rope_theta: float = checked(0.0, lambda x: x >= 0)  # RoPE base while πS answers over the long document C_L
+                                                             # (rejected y_L only); 0 = πS's own. Chosen answers,
+                                                             # pools and all reference log-probs keep πS's own base
     # filters (§4.1 "censored and repetitive"; thresholds from the released code). Empty answers, answers that spell
     # a control token, and turns whose short sequence [C_S; I; y] exceeds πS's window are always dropped
     drop_cut_off: bool = False  # drop an answer that hit max_new_tokens (the paper names no such rule; released keeps)
     drop_refusals: bool = True  # drop an answer holding a REFUSALS phrase anywhere ("censored")
-    rep_ratio_chosen: float = 0.9  # drop a chosen answer whose repetition_ratio exceeds this (released 0.9); 1 = off
-    rep_ratio_rejected: float = 0.95  # the same for rejected answers (released 0.95); 1 = off
-    min_words: int = 0  # drop an answer with fewer words of 3+ characters than this (released: 2); 0 = off
+    rep_ratio_chosen: float = checked(0.9, lambda x: 0 <= x <= 1)  # drop a chosen answer whose repetition_ratio
+                                                                   # exceeds this (released 0.9); 1 = off
+    rep_ratio_rejected: float = checked(0.95, lambda x: 0 <= x <= 1)  # the same for rejected ones (released 0.95)
+    min_words: int = checked(0, lambda x: x >= 0)  # drop an answer with fewer words of 3+ characters (released: 2);
+                                                   # 0 = off
     # sampler
-    prefill_chunk: int = 2048  # tokens per prefill forward: bounds activation memory at long prompts
-    long_group: int = 1  # rejected answers decoded together, each over its own copy of the document's KV cache
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU | float32 | float64
+    prefill_chunk: int = checked(2048, lambda x: x >= 1)  # tokens per prefill forward: bounds activation memory
+    long_group: int = checked(1, lambda x: x >= 1)  # rejected answers decoded together, each over its own copy of
+                                                    # the document's KV cache
+    dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # auto = bfloat16 on CUDA, float32 on CPU
     seed: int = 0  # per-document seeds derive from (seed, document index): sharding and resuming change nothing
-    stop_after: int = -1  # debug: stop each rank after this many documents, without merging (a simulated crash)
 
 
 # `python generate.py` with the embedded corpus: lengths scaled to SmolLM2's 8K window and a 2-core CPU. Flags given
@@ -93,7 +98,8 @@ class GenConfig:
 EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=4, pool_max_new_tokens=64,
                 max_new_tokens=160, long_group=2)
 # fields that do not change any document's record: a resumed run may differ in them
-RESUME_FREE = ("out", "max_docs", "stop_after", "corpus")  # the corpus is compared by its contents
+RESUME_FREE = ("out", "max_docs", "corpus", "stop_after")  # the corpus is compared by its contents; stop_after:
+                                                            # a field of earlier versions
 
 
 # -----------------------------------------------------------------------------
@@ -109,7 +115,19 @@ def _sync(device):
 
 
 def _logits(model, hidden):
-    return longpo.head_logits(hidden, model.lm_head.weight)  # (B, V) fp32 (float64 stays): never rounded to bf16
+    return longpo.head_logits(hidden, _head_weight(model))  # (B, V) fp32 (float64 stays): never rounded to bf16
+
+
+def _head_weight(model):
+    """The LM head's weight in fp32 (or its own float32/float64), upcast once per model and kept: a decode step
+    would otherwise copy a bf16 (V, d) weight to fp32 for a few rows of logits."""
+    w = model.lm_head.weight
+    if w.dtype in (torch.float32, torch.float64):
+        return w
+    key = (w.data_ptr(), w._version, w.dtype, w.device)
+    if getattr(model, "_head_fp32", (None,))[0] != key:
+        model._head_fp32 = (key, w.detach().float())
+    return model._head_fp32[1]
 
 
 def cache_kwargs(model, cache):
@@ -679,7 +697,8 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     response_args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
                          top_p=cfg.response_top_p, generator=gen, **sample_args)  # B.1: greedy by default
 
-    # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1)
+    # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1); Eq. 5's extractor F(C_L, I_L) is
+    # this chunking: x_S = [C_S^i; I^i] holds what the instruction asks about, inside πS's window
     t0 = time.time()
     spans = sample_chunks(chunk_spans(offsets, text, cfg.chunk_tokens, cfg.min_chunk_tokens), cfg.chunks_per_doc, rng)
     counts["turns"] += len(spans)
@@ -864,23 +883,9 @@ def summary_lines(counts, cfg):
 
 def main(argv):
     cfg = longpo.parse_config(GenConfig, argv)
-    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-    if not cfg.corpus:
-        for k, v in EMBEDDED.items():
-            if k not in given:
-                setattr(cfg, k, v)
-    for name, ok in (("chunk_tokens", cfg.chunk_tokens >= 0), ("min_chunk_tokens", cfg.min_chunk_tokens >= 1),
-                     ("chunks_per_doc", cfg.chunks_per_doc >= 1), ("pool_size", cfg.pool_size >= 1),
-                     ("pool_temperature", cfg.pool_temperature >= 0), ("pool_top_p", 0 < cfg.pool_top_p <= 1),
-                     ("pool_max_new_tokens", cfg.pool_max_new_tokens >= 1), ("max_new_tokens", cfg.max_new_tokens >= 1),
-                     ("response_temperature", cfg.response_temperature >= 0),
-                     ("response_top_p", 0 < cfg.response_top_p <= 1), ("long_rope_theta", cfg.long_rope_theta >= 0),
-                     ("rep_ratio_chosen", 0 <= cfg.rep_ratio_chosen <= 1),
-                     ("rep_ratio_rejected", 0 <= cfg.rep_ratio_rejected <= 1), ("min_words", cfg.min_words >= 0),
-                     ("prefill_chunk", cfg.prefill_chunk >= 1), ("long_group", cfg.long_group >= 1),
-                     ("max_len", cfg.max_len >= 2)):  # checked before anything is written: no parts folder to refuse
-        if not ok:
-            raise SystemExit(f"--{name} {getattr(cfg, name)} is out of range")
+    if not cfg.corpus:  # the embedded corpus: its defaults under the flags given (checked before anything is written)
+        cfg = longpo.parse_config(GenConfig, argv, base=GenConfig(**EMBEDDED))
+    stop_after = int(os.environ.get("LONGPO_STOP_AFTER", -1))  # tests: stop after N documents, unmerged (a crash)
     env = longpo.setup_distributed(sp=1)  # every rank its own dp group: ranks split the documents
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world}: documents split over ranks; corpus: {cfg.corpus or 'embedded synthetic'}")
@@ -966,7 +971,7 @@ def main(argv):
     t_start, processed, stopped, seen = time.time(), 0, False, Counter()
     with open(my_part, "a", encoding="utf-8") as part:
         for i in todo:
-            if processed == cfg.stop_after:
+            if processed == stop_after:
                 stopped = True
                 break
             source, text = docs[i]
@@ -997,7 +1002,7 @@ def main(argv):
     if dist.is_initialized():
         dist.all_reduce(stopped, op=dist.ReduceOp.MAX)  # also the barrier before the merge
     if stopped.item():
-        longpo.print0(f"--stop_after {cfg.stop_after}: stopping without merging")
+        longpo.print0(f"LONGPO_STOP_AFTER={stop_after}: stopping without merging")
         longpo.teardown_distributed()
         return
     if env.master:

@@ -1400,9 +1400,9 @@ def pipeline(tmp_path_factory, tiny_models):
     return d, path, args
 
 
-def run_generate(*args):
+def run_generate(*args, env=None):
     p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *map(str, args)], capture_output=True,
-                       text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
@@ -1444,7 +1444,7 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     run_generate(*args, "--out", ref)
     # a crash after one document (with a torn half-written line appended), then a restart
     out = d / "resumed.jsonl"
-    log = run_generate(*args, "--out", out, "--stop_after", "1")
+    log = run_generate(*args, "--out", out, env={"LONGPO_STOP_AFTER": "1"})
     assert not out.exists() and "stopping without merging" in log
     with open(d / "resumed.jsonl.parts" / "rank-00000.jsonl", "a") as f:
         f.write('{"index": 3, "record": {"id": "doc-000')
