@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from transformers import DynamicCache
 
 import longpo
 from longpo import checked
@@ -258,7 +259,6 @@ def _generate(model, cache, prompts, past_mask, eos_ids, max_new_tokens, tempera
 
 
 def new_cache(model):
-    from transformers import DynamicCache
     return DynamicCache(config=model.config)
 
 
@@ -841,8 +841,7 @@ def check_parts_config(cfg, parts, dtype, corpus_sha256=None):
             return (f"{parts} holds documents generated with other settings ({flags}); pass the same flags (and "
                     f"device) to resume, or delete {parts} to start over")
     else:
-        with open(path, "w") as f:
-            json.dump(mine, f, indent=1)
+        longpo.write_atomic(path, json.dumps(mine, indent=1))
     return None
 
 
@@ -854,14 +853,11 @@ def merge_parts(parts, out, n_docs):
             if line["index"] < n_docs:
                 lines.setdefault(line["index"], line)
     counts = Counter()
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in sorted(lines):
-            counts.update(lines[i]["counts"])
-            if lines[i]["record"] is not None:
-                f.write(json.dumps(lines[i]["record"], ensure_ascii=False) + "\n")
-                counts["records"] += 1
-    os.replace(tmp, out)
+    for i in lines:
+        counts.update(lines[i]["counts"])
+    kept = [lines[i]["record"] for i in sorted(lines) if lines[i]["record"] is not None]
+    counts["records"] = len(kept)
+    longpo.write_atomic(out, (json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return counts
 
 
