@@ -974,7 +974,7 @@ def main(argv):
             offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             try:
                 record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name)
-            except ValueError as e:  # e.g. a chat template that will not render it: skipped, never blocking a resume
+            except longpo.RenderError as e:  # a chat this template will not render: skipped, never blocking a resume
                 print(f"skipping document {i} ({source}): {e}", file=sys.stderr, flush=True)
                 record, counts = None, Counter({"documents skipped (cannot be rendered)": 1})
             seen.update(counts)

@@ -467,6 +467,11 @@ def end_of_turn_ids(tokenizer):
     return {i for i in [tokenizer.eos_token_id, *(vocab.get(t) for t in END_OF_TURN)] if i is not None}
 
 
+class RenderError(ValueError):
+    """A chat that cannot be rendered as training reads it (a special token's string in the text, a template that
+    is not prefix-stable)."""
+
+
 def render_chat(tokenizer, messages):
     """Token ids of a chat rendered with the tokenizer's chat template, and the turn of each token: i >= 1 for
     the tokens of assistant response i up to its end-of-turn marker included (what the sampler produces: not the
@@ -477,20 +482,20 @@ def render_chat(tokenizer, messages):
     for i, m in enumerate(messages):  # such a string would be tokenized as the control token itself
         hit = special_in(m, specials)
         if hit:
-            raise ValueError(f"message {i + 1} contains the special token {hit!r} as text")
+            raise RenderError(f"message {i + 1} contains the special token {hit!r} as text")
     chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
     ids, turns, done = [], [], ""
     stops = end_of_turn_ids(tokenizer)
     for k in range(1, len(chat) + 1):
         text = tokenizer.apply_chat_template(chat[:k], tokenize=False, add_generation_prompt=k % 2 == 1)
         if not text.startswith(done):
-            raise ValueError("the chat template does not render a conversation as a prefix of its continuation; "
+            raise RenderError("the chat template does not render a conversation as a prefix of its continuation; "
                              "LongPO needs prefix-stable rendering to mask responses")
         seg = tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
         ids += seg
         n = next((j + 1 for j, x in enumerate(seg) if x in stops), len(seg)) if k % 2 == 0 else 0
         if n == 1 and len(seg) > 1:
-            raise ValueError("the chat template puts an end-of-turn token before the assistant's text; LongPO's "
+            raise RenderError("the chat template puts an end-of-turn token before the assistant's text; LongPO's "
                              "response mask (render_chat) does not handle such templates")
         turns += [k // 2] * n + [0] * (len(seg) - n)  # response k/2: its tokens through the end-of-turn marker
         done = text
@@ -520,7 +525,7 @@ def render_branches(tokenizer, record, branches=("chosen", "rejected")):
     p = seqs[0][1].index(1)  # the first response token: everything before it is the shared prefix
     for ids, turns in seqs[1:]:
         if ids[:p] != seqs[0][0][:p] or turns.index(1) != p:
-            raise ValueError(f"record {record.get('id')}: chosen and rejected do not share the prefix")
+            raise RenderError(f"record {record.get('id')}: chosen and rejected do not share the prefix")
     return seqs, p
 
 

@@ -1487,7 +1487,8 @@ def test_a_document_that_cannot_be_rendered_is_skipped(pipeline, tmp_path, monke
 
     def fails_on_doc_1(cfg, model, tokenizer, eos_ids, index, *rest):
         if index == 1:
-            raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+            raise longpo.RenderError("the chat template does not render a conversation as a prefix of its "
+                                     "continuation")
         return real(cfg, model, tokenizer, eos_ids, index, *rest)
     monkeypatch.setattr(G, "build_record", fails_on_doc_1)
     out = tmp_path / "o.jsonl"
