@@ -116,19 +116,21 @@ def _sync(device):
 
 
 def _logits(model, hidden):
-    return longpo.head_logits(hidden, _head_weight(model))  # (B, V) fp32 (float64 stays): never rounded to bf16
+    w = getattr(model, "_head_fp32", None)  # set by _generate for its decode loop
+    return longpo.head_logits(hidden, model.lm_head.weight if w is None else w)  # (B, V) fp32: never rounded to bf16
 
 
-def _head_weight(model):
-    """The LM head's weight in fp32 (or its own float32/float64), upcast once per model and kept: a decode step
-    would otherwise copy a bf16 (V, d) weight to fp32 for a few rows of logits."""
+@contextlib.contextmanager
+def fp32_head(model):
+    """Inside the block the sampler reads an fp32 copy of a bf16 LM head made once, not one a decoded token (a
+    (V, d) copy for a few rows of logits); the copy lives as long as the block, so weights changed later (a
+    loader writing through .data, a merged adapter) are never read stale."""
     w = model.lm_head.weight
-    if w.dtype in (torch.float32, torch.float64):
-        return w
-    key = (w.data_ptr(), w._version, w.dtype, w.device)
-    if getattr(model, "_head_fp32", (None,))[0] != key:
-        model._head_fp32 = (key, w.detach().float())
-    return model._head_fp32[1]
+    model._head_fp32 = w.detach().float() if w.dtype not in (torch.float32, torch.float64) else None
+    try:
+        yield
+    finally:
+        model._head_fp32 = None
 
 
 def cache_kwargs(model, cache):
@@ -216,6 +218,13 @@ def _pad_batch(prompts, past_mask):
 @torch.inference_mode()
 def _generate(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
               prefill_chunk):
+    with fp32_head(model):
+        return _generate_rows(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p,
+                              generator, prefill_chunk)
+
+
+def _generate_rows(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
+                   prefill_chunk):
     """Continue every row of `cache` with its own prompt, then decode. past_mask (B, past): the cache entries each
     row reads (its real past tokens, which sit at positions 0, 1, ...); _pad_batch lays out the prompts."""
     device = next(model.parameters()).device
@@ -358,11 +367,11 @@ def keep_rows(cache, cached, rows, device):
 
 
 @torch.inference_mode()
-def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, logp_chunk=1024):
+def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, budget=longpo.Config.logp_budget):
     """longpo.response_logps of one-turn chats, batched over a prefill_prefixes cache: seqs[b] = (ids, turns) of
     render_chat's [user, response] for row b. Only what the row's cached tokens leave of its sequence is fed,
     padded between the cache and the rest (_pad_batch), and the LM head runs on the response's positions only
-    (render_chat's turn 1, through the end-of-turn marker), in chunks. Returns (B,) float64, the sum over each
+    (render_chat's turn 1, through the end-of-turn marker), in chunks of budget logits. Returns (B,) float64, the sum over each
     response's tokens; the cache is cropped back to the prefixes."""
     device = next(model.parameters()).device
     past_mask, rest = read_prefixes(cached, [ids[:turns.index(1)] for ids, turns in seqs])  # rest: prompt tails
@@ -381,7 +390,7 @@ def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, logp_c
     cache.crop(-L)  # back to the prefixes
     rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     logps = longpo.chunked_logps(hidden[rows, cols], model.lm_head.weight, torch.tensor(targets, device=device),
-                                 logp_chunk).double()  # (M,) for the M response tokens of all rows
+                                 budget).double()  # (M,) for the M response tokens of all rows, budget // V a chunk
     return torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, rows, logps)
 
 
@@ -740,6 +749,9 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
         else:
             kept.append((row, dict(chunk=[s, e], instruction=ins, chosen=y_s), user))
     t0 = stage_done("chosen", t0)
+    # the chunks of dropped turns leave the cache before the document's cache joins it
+    cached = keep_rows(cache, cached, [row for row, _, _ in kept], device)
+    kept = [(j, t, user) for j, (_, t, user) in enumerate(kept)]
     # rejected y_L^i given x_L = [C_L; I^i], at the long branch's RoPE base; the document's KV cache is computed once
     # for all instructions
     with rope_base(model, cfg.long_rope_theta):

@@ -1344,7 +1344,7 @@ def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, d
     for lengths in ((5, 30, 12, 1), (22, 3, 9, 17)):  # chosen, then rejected
         messages = [[u, words(rng, n)] for u, n in zip(users, lengths)]
         got = G.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m) for m in messages],
-                                      prefill_chunk=16, logp_chunk=7)
+                                      prefill_chunk=16, budget=7 * model.config.vocab_size)
         want = torch.cat([longpo.response_logps(model, tok, m) for m in messages])
         assert got.dtype == torch.float64 and cache.get_seq_length() == past
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
