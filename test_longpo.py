@@ -1348,6 +1348,12 @@ def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, d
         want = torch.cat([longpo.response_logps(model, tok, m) for m in messages])
         assert got.dtype == torch.float64 and cache.get_seq_length() == past
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # by default the head runs in chunks of longpo's logit budget (budget // V rows), not a row at a time
+    rows = []
+    real = longpo.ChunkedLogps.apply
+    monkeypatch.setattr(longpo.ChunkedLogps, "apply", lambda *a: rows.append(a[-1]) or real(*a))
+    G.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m) for m in messages])
+    assert rows == [longpo.Config.logp_budget // model.config.vocab_size] and rows[0] > 1000
 
 
 def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
