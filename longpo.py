@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import errno
 import fcntl
+import gc
 import glob
 import hashlib
 import importlib.util
@@ -1482,6 +1483,10 @@ def _train(cfg, env):
     if skipped_steps:
         print0(f"{len(skipped_steps)} step(s) skipped for a non-finite loss or gradient norm: {skipped_steps[:20]}"
                + (" ..." if len(skipped_steps) > 20 else ""))
+    # FSDP's device mesh holds the process group: freed here, the group goes with destroy_process_group rather
+    # than with the interpreter's exit, where gloo may abort ("terminate called without an active exception")
+    del policy, optimizer, model
+    gc.collect()
     teardown_distributed()
 
 
