@@ -391,7 +391,7 @@ def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, budget
     rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     logps = longpo.chunked_logps(hidden[rows, cols], model.lm_head.weight, torch.tensor(targets, device=device),
                                  budget).double()  # (M,) for the M response tokens of all rows, budget // V a chunk
-    return torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, rows, logps)
+    return torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, rows, logps)  # (B,): Σ per row
 
 
 def eos_token_ids(model, tokenizer):

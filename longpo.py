@@ -1204,22 +1204,24 @@ def _branches(cfg):
 def load_example(cfg, tokenizer, entry, branches=None):
     """(record, packed sequence) of one data entry, read from its line of the file when it is needed, so that no
     rank holds the whole data set in memory. branches: those the loss trains on unless given."""
-    rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
-    try:
-        return rec, pack_record(tokenizer, rec, branches or _branches(cfg))
-    except ValueError as e:
-        raise InputError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
+    return _rendered(cfg, tokenizer, entry, lambda rec: pack_record(tokenizer, rec, branches or _branches(cfg)))
 
 
 def record_tokens(cfg, tokenizer, entry):
     """The longer of a record's two long sequences, in tokens, rendered as training renders them (both branches
     whatever the loss: the baselines skip the same records as LongPO); no tensors built."""
+    _, seqs = _rendered(cfg, tokenizer, entry, lambda rec: render_branches(tokenizer, rec)[0])
+    return max(len(ids) for ids, _ in seqs)
+
+
+def _rendered(cfg, tokenizer, entry, render):
+    """(record, render(record)) of one data entry; a record that cannot be rendered names its file, line and
+    field."""
     rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
     try:
-        seqs, _ = render_branches(tokenizer, rec)
+        return rec, render(rec)
     except ValueError as e:
         raise InputError(f"{cfg.data}:{entry['line']}: {e}{special_field(rec, tokenizer)}") from None
-    return max(len(ids) for ids, _ in seqs)
 
 
 def special_field(rec, tokenizer):
