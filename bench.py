@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from transformers.cache_utils import DynamicLayer
 
 import generate
 import longpo
+from generate import GrowingLayer
 
 
 @dataclass
@@ -139,9 +141,13 @@ def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048
     for _ in range(repeats):
         for side, share in (("old", False), ("new", True)):
             generate.STATS.clear()
+            generate.CACHE_LAYER = GrowingLayer if share else DynamicLayer  # old: the concatenating cache
             t0 = time.perf_counter()
-            records[side], counts = generate.build_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
-                                                          "bench", share_chunks=share)
+            try:
+                records[side], counts = generate.build_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
+                                                              "bench", share_chunks=share)
+            finally:
+                generate.CACHE_LAYER = GrowingLayer
             times = {k: generate.STATS[k + "_s"] for k in generate.STAGES}
             times["record"] = time.perf_counter() - t0
             best[side] = {k: min(v, best.get(side, times)[k]) for k, v in times.items()}

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 import longpo
 from longpo import checked
@@ -231,6 +232,7 @@ def _generate_rows(model, cache, prompts, past_mask, eos_ids, max_new_tokens, te
     B = len(prompts)
     ids, mask, pos = (x.to(device) for x in _pad_batch(prompts, past_mask))
     padded = not bool(mask.all())  # without pads, no mask: SDPA takes its causal fast path
+    reserve(cache, cache.get_seq_length() + ids.shape[1] + max_new_tokens)  # the cache's room for all that follows
     t0 = time.time()
     logits = prefill(model, ids, cache, prefill_chunk, mask if padded else None, pos)  # (B, V)
     _sync(device)
@@ -267,8 +269,96 @@ def _generate_rows(model, cache, prompts, past_mask, eos_ids, max_new_tokens, te
     return [(o, f) for o, f in zip(out, finished)]
 
 
+class GrowingLayer(DynamicLayer):
+    """One layer's KV cache, written in place: keys and values live in buffers (B, H, capacity, D) with room to
+    spare, and self.keys / self.values are views of their first n positions. transformers' DynamicLayer
+    concatenates instead, copying the whole cache for every decoded token: O(T) a token, about half of a decode
+    step at a 4K cache on a CPU, and for a 7B model at 128K some 16 GB of copying a token. Capacity grows by half
+    when full; reserve() sizes it ahead, so that a prefill and its decode allocate once."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.n = self.capacity = self.hint = 0  # hint: the room reserve() asked for before the first update
+        self.k_buf = self.v_buf = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def _views(self):
+        self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]  # (B, H, n, D): no copy
+
+    def _grow(self, like_k, like_v, tokens):
+        """Buffers with room for `tokens` positions, shaped and typed as like_k / like_v, holding the n cached ones."""
+        B, H = like_k.shape[:2]
+        k = like_k.new_empty(B, H, tokens, like_k.shape[-1])  # (B, H, tokens, D)
+        v = like_v.new_empty(B, H, tokens, like_v.shape[-1])
+        if self.n:
+            k[:, :, :self.n] = self.k_buf[:, :, :self.n]
+            v[:, :, :self.n] = self.v_buf[:, :, :self.n]
+        self.k_buf, self.v_buf, self.capacity = k, v, tokens
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        if self.n + t > self.capacity:
+            self._grow(key_states, value_states, max(self.n + t, self.capacity * 3 // 2, self.hint))
+        self.k_buf[:, :, self.n:self.n + t] = key_states  # (B, H, t, D) into positions n .. n + t - 1
+        self.v_buf[:, :, self.n:self.n + t] = value_states
+        self.n += t
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.n if self.is_initialized else 0
+
+    def reset(self):
+        self.k_buf = self.v_buf = None
+        self.n = self.capacity = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove):
+        """Drop the last -tokens_to_remove positions (negative, as DynamicLayer.crop takes it); the room stays."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the tokens to drop, not {tokens_to_remove}")
+        if self.is_initialized and tokens_to_remove:
+            self.n = max(self.n + tokens_to_remove, 0)
+            self._views()
+
+    def _rows(self, pick):  # the same function of the batch dimension applied to both buffers
+        if self.get_seq_length() > 0:
+            self.k_buf, self.v_buf = pick(self.k_buf), pick(self.v_buf)
+            self._views()
+
+    def batch_repeat_interleave(self, repeats):
+        self._rows(lambda x: x.repeat_interleave(repeats, dim=0))  # (B, H, cap, D) -> (B * repeats, H, cap, D)
+
+    def batch_select_indices(self, indices):
+        self._rows(lambda x: x[indices.to(x.device)])  # (B, H, cap, D) -> (len(indices), H, cap, D)
+
+    def reorder_cache(self, beam_idx):
+        self.batch_select_indices(beam_idx)
+
+
+CACHE_LAYER = GrowingLayer  # bench.py sets DynamicLayer to time the path before
+
+
 def new_cache(model):
-    return DynamicCache(config=model.config)
+    """A transformers cache whose full-attention layers are GrowingLayers (sliding-window ones stay as they are)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [CACHE_LAYER() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def reserve(cache, tokens):
+    """Room for `tokens` positions in every GrowingLayer of `cache`, so that what follows allocates once: called
+    with the cached length plus the prompt and the answer budget."""
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.hint = max(layer.hint, tokens)
+            if layer.k_buf is not None and layer.capacity < tokens:
+                layer._grow(layer.k_buf, layer.v_buf, tokens)
 
 
 def generate_tokens(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
@@ -295,20 +385,24 @@ def common_prefix_len(prompts):
 
 
 def generate_with_prefix_cache(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-                               prefill_chunk=2048, group=1):
+                               prefill_chunk=2048, group=1, start=None):
     """generate_tokens for prompts that share a long prefix ([template; document; instruction i]): the longest
     common token prefix is prefilled once; each group of `group` prompts gets a copy of that cache per row,
     continues it, and the cache is cropped back to the prefix for the next group. group=1 holds a single copy
-    of the document's cache (the memory-lean choice at 128K); larger groups decode faster."""
+    of the document's cache (the memory-lean choice at 128K); larger groups decode faster. start: (cache, cached)
+    of prefill_prefixes, whose row sharing the most tokens with the prefix seeds it (the document's first chunk
+    [template; C_S^0] begins [template; C_L]), so that only the rest of the prefix is prefilled."""
     # at least one token of each prompt stays outside the prefix: its logits start the decoding
     p = min(common_prefix_len(prompts), min(len(q) for q in prompts) - 1)
     device = next(model.parameters()).device
     cache = new_cache(model)
-    if p > 0:
+    reserve(cache, max(len(q) for q in prompts) + max_new_tokens)  # the prefix and, per group, a prompt and answer
+    seeded = seed_prefix(cache, *start, prompts[0][:p]) if start is not None else 0
+    if p > seeded:
         t0 = time.time()
-        prefill(model, torch.tensor([prompts[0][:p]], device=device), cache, prefill_chunk)  # (1, p) once
+        prefill(model, torch.tensor([prompts[0][seeded:p]], device=device), cache, prefill_chunk)  # (1, p - seeded)
         _sync(device)
-        STATS["prefill_tokens"] += p
+        STATS["prefill_tokens"] += p - seeded
         STATS["prefill_s"] += time.time() - t0
     results = []
     for s in range(0, len(prompts), max(group, 1)):
@@ -334,6 +428,7 @@ def prefill_prefixes(model, prefixes, prefill_chunk=2048):
     cached_response_logps feeds it and crops it back."""
     device = next(model.parameters()).device
     cache = new_cache(model)
+    reserve(cache, max(len(p) for p in prefixes))
     if max(len(p) for p in prefixes) > 0:
         ids, mask, pos = (x.to(device) for x in _pad_batch(prefixes, torch.zeros(len(prefixes), 0, dtype=torch.long)))
         t0 = time.time()
@@ -360,6 +455,23 @@ def read_prefixes(cached, prompts):
     return past_mask, rest
 
 
+def seed_prefix(cache, chunks, cached, prefix):
+    """Copy into the empty `cache` the cached entries of the prefill_prefixes row (chunks, cached) that shares the
+    most leading tokens with `prefix` (token ids), as far as it shares them: the same keys and values a prefill of
+    those tokens at positions 0, 1, ... computes (to float rounding: they came from a batch). Returns how many tokens
+    were copied; 0 where a layer is not a GrowingLayer (a sliding window keeps only its last tokens)."""
+    if not cached or not all(isinstance(layer, GrowingLayer) for layer in (*cache.layers, *chunks.layers)):
+        return 0
+    shared = [common_prefix_len([c, prefix]) if c and prefix else 0 for c in cached]
+    row = max(range(len(cached)), key=shared.__getitem__)
+    q, a = shared[row], chunks.get_seq_length() - len(cached[row])  # a: where the row's tokens begin (left padded)
+    if q:
+        for dst, src in zip(cache.layers, chunks.layers):
+            dst.update(src.keys[row:row + 1, :, a:a + q], src.values[row:row + 1, :, a:a + q])  # (1, H, q, D)
+    STATS["seeded_tokens"] += q
+    return q
+
+
 def keep_rows(cache, cached, rows, device):
     """Keep only rows `rows` of a prefill_prefixes cache, in that order: the others' memory is freed."""
     cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=device))  # (B, H, T, D) -> (B', H, T, D)
@@ -378,6 +490,7 @@ def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, budget
     rest = [tail + ids[turns.index(1):] for tail, (ids, turns) in zip(rest, seqs)]  # (prompt tail; response; ...)
     ids, mask, pos = (x.to(device) for x in _pad_batch(rest, past_mask))
     L = ids.shape[1]
+    reserve(cache, cache.get_seq_length() + L)
     rows, cols, targets = [], [], []
     for b, (seq, turns) in enumerate(seqs):
         for t, turn in enumerate(turns):
@@ -753,10 +866,12 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     cached = keep_rows(cache, cached, [row for row, _, _ in kept], device)
     kept = [(j, t, user) for j, (_, t, user) in enumerate(kept)]
     # rejected y_L^i given x_L = [C_L; I^i], at the long branch's RoPE base; the document's KV cache is computed once
-    # for all instructions
+    # for all instructions, its opening seeded from the first chunk's cache when that chunk was sampled (not at
+    # another RoPE base, where every key differs)
+    start = (cache, cached) if share_chunks and not cfg.long_rope_theta else None
     with rope_base(model, cfg.long_rope_theta):
         rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for _, t, _ in kept],
-                                              group=cfg.long_group, **response_args) if kept else []
+                                              group=cfg.long_group, start=start, **response_args) if kept else []
     turns, rows = [], []
     for (row, t, user), (toks, finished) in zip(kept, rejected):
         t["rejected"] = tokenizer.decode(toks, skip_special_tokens=True).strip()

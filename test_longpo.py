@@ -6,6 +6,7 @@ CPU only; distributed paths run under torchrun with the gloo backend. Tiny rando
 Qwen2 / Llama models and a byte-level BPE tokenizer trained here stand in for real checkpoints.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -988,6 +989,71 @@ def test_prefix_cache_reuse_equals_fresh_prefills(tiny_models):
     assert G.generate_with_prefix_cache(model, prompts + prompts[:1], eos, 10, group=2) == fresh + fresh[:1]
 
 
+def test_growing_cache_equals_transformers_dynamic_cache(tiny_models):
+    """GrowingLayer (written in place, views of a buffer) gives the logits, keys and values of transformers'
+    concatenating DynamicLayer (float64) through chunked prefill over its capacity, decode, a reserve, a batch
+    repeat, a row selection, a crop and a deepcopy, and the copy leaves the original as it was."""
+    from transformers.cache_utils import DynamicLayer
+    model, tok = load(tiny_models["llama"], torch.float64)
+    ids = torch.tensor(prompts_of(tok, (12,), seed=4))  # (1, T)
+
+    def run(layer_class):
+        G.CACHE_LAYER = layer_class
+        try:
+            cache = G.new_cache(model)
+        finally:
+            G.CACHE_LAYER = G.GrowingLayer
+        assert all(type(layer) is layer_class for layer in cache.layers)
+        out = [G.prefill(model, ids, cache, chunk=7)]  # T tokens, 7 a forward: growth by half each time
+        step = lambda c, t: G.decode_one_token(model, t, c, torch.full((t.shape[0],), c.get_seq_length()))
+        out.append(step(cache, out[-1].argmax(-1)))
+        G.reserve(cache, 64)
+        cache.batch_repeat_interleave(2)  # (1, H, T, D) -> (2, H, T, D)
+        out.append(step(cache, torch.tensor([5, 9])))
+        cache.batch_select_indices(torch.tensor([1]))
+        cache.crop(-4)
+        out.append(step(cache, torch.tensor([3])))
+        twin = copy.deepcopy(cache)
+        out.append(step(twin, torch.tensor([7])))
+        out.append(step(cache, torch.tensor([8])))  # the original, unchanged by the copy's step
+        return out, [(layer.keys, layer.values) for layer in cache.layers]
+
+    ours, ours_kv = run(G.GrowingLayer)
+    theirs, theirs_kv = run(DynamicLayer)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for (k, v), (k2, v2) in zip(ours_kv, theirs_kv):
+        assert k.shape == k2.shape == (1, k.shape[1], ids.shape[1], k.shape[3])  # T + 1 + 1 - 4 + 1 + 1
+        torch.testing.assert_close(k, k2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v, v2, rtol=1e-12, atol=1e-12)
+    assert ours_kv[0][0].untyped_storage().nbytes() >= 64 * ours_kv[0][0][0, :, :1].numel() * 8  # reserved room
+
+
+def test_document_prefix_seeded_from_its_first_chunk(tiny_models):
+    """generate_with_prefix_cache seeded from a prefill_prefixes row ([template; C_S^0], which begins [template;
+    C_L]) decodes the tokens of the unseeded run (float64), prefilling only what the row does not share; rows that
+    share only the template seed that much, and an empty start seeds nothing."""
+    model, tok = load(tiny_models["llama"], torch.float64)
+    rng = random.Random(12)
+    doc = words(rng, 160)
+    first = doc[:doc.index(" ", len(doc) // 3)]  # the opening chunk's text; the tokenizer may split it otherwise
+    prompts = [longpo.render_chat(tok, [doc + "\n\n" + q])[0] for q in ("what is it", "who sat there")]
+    p = G.common_prefix_len(prompts)
+    G.STATS.clear()
+    plain = G.generate_with_prefix_cache(model, prompts, [], 8, group=2)
+    assert G.STATS["prefill_tokens"] == p + sum(len(q) - p for q in prompts)
+    for chunks, least in (([words(rng, 40), first], 0.25 * p), ([words(rng, 30)], 1)):
+        cache, cached = G.prefill_prefixes(model, [longpo.render_chat(tok, [c])[0][:-3] for c in chunks], 16)
+        shared = max(G.common_prefix_len([c, prompts[0]]) for c in cached)
+        assert least <= shared < p
+        G.STATS.clear()
+        assert G.generate_with_prefix_cache(model, prompts, [], 8, group=2, prefill_chunk=16,
+                                            start=(cache, cached)) == plain
+        assert G.STATS["seeded_tokens"] == shared
+        assert G.STATS["prefill_tokens"] == p - shared + sum(len(q) - p for q in prompts)
+    assert G.seed_prefix(G.new_cache(model), cache, [], prompts[0]) == 0
+
+
 def test_generation_over_chunk_prefixes_equals_fresh_prefills(tiny_models):
     """generate_tokens over a prefill_prefixes cache (rows of uneven length, padded between the cached prefix and
     the prompt; one row's cached tokens reaching past what its prompt shares, so masked) gives the tokens of fresh
@@ -1372,9 +1438,11 @@ def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
         out[share] = G.build_record(gen_cfg(), model, tok, [tok.eos_token_id], 0, "test", text, offsets, "tiny",
                                     share_chunks=share), G.STATS["prefill_tokens"]
         assert all(G.STATS[k + "_s"] > 0 for k in G.STAGES)
+        seeded = G.STATS["seeded_tokens"]
     (old, old_counts), old_tokens = out[False]
     (new, new_counts), new_tokens = out[True]
     assert old_counts == new_counts and len(new["turns"]) >= 2 and new_tokens < old_tokens
+    assert new["turns"][0]["chunk"][0] == 0 and seeded > 60  # the document's cache began as its first chunk's
     assert same_turns(new["turns"], old["turns"], tol=1e-10) and new["meta"] == old["meta"]
 
 
