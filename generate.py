@@ -291,8 +291,9 @@ class GrowingLayer(DynamicLayer):
     def _grow(self, like_k, like_v, tokens):
         """Buffers with room for `tokens` positions, shaped and typed as like_k / like_v, holding the n cached ones."""
         B, H = like_k.shape[:2]
-        k = like_k.new_empty(B, H, tokens, like_k.shape[-1])  # (B, H, tokens, D)
-        v = like_v.new_empty(B, H, tokens, like_v.shape[-1])
+        with torch.inference_mode(False):  # a normal tensor: written in place under no_grad too (eval.py's forwards)
+            k = like_k.new_empty(B, H, tokens, like_k.shape[-1])  # (B, H, tokens, D)
+            v = like_v.new_empty(B, H, tokens, like_v.shape[-1])
         if self.n:
             k[:, :, :self.n] = self.k_buf[:, :, :self.n]
             v[:, :, :self.n] = self.v_buf[:, :, :self.n]
@@ -326,9 +327,10 @@ class GrowingLayer(DynamicLayer):
             self.n = max(self.n + tokens_to_remove, 0)
             self._views()
 
-    def _rows(self, pick):  # the same function of the batch dimension applied to both buffers
+    def _rows(self, pick):  # the same function of the batch dimension applied to both buffers (normal tensors)
         if self.get_seq_length() > 0:
-            self.k_buf, self.v_buf = pick(self.k_buf), pick(self.v_buf)
+            with torch.inference_mode(False):
+                self.k_buf, self.v_buf = pick(self.k_buf), pick(self.v_buf)
             self._views()
 
     def batch_repeat_interleave(self, repeats):

@@ -1010,9 +1010,12 @@ def test_growing_cache_equals_transformers_dynamic_cache(tiny_models):
         G.reserve(cache, 64)
         cache.batch_repeat_interleave(2)  # (1, H, T, D) -> (2, H, T, D)
         out.append(step(cache, torch.tensor([5, 9])))
-        cache.batch_select_indices(torch.tensor([1]))
+        with torch.inference_mode():  # as the sampler does it; eval.py's forwards then write under no_grad
+            cache.batch_select_indices(torch.tensor([1]))
         cache.crop(-4)
-        out.append(step(cache, torch.tensor([3])))
+        with torch.no_grad():
+            out.append(model(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[cache.get_seq_length()]]),
+                             **G.cache_kwargs(model, cache), use_cache=True).logits[:, -1])
         twin = copy.deepcopy(cache)
         out.append(step(twin, torch.tensor([7])))
         out.append(step(cache, torch.tensor([8])))  # the original, unchanged by the copy's step
