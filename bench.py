@@ -100,7 +100,36 @@ def bench_decode(model_dir="", batch_sizes=(1, 4), new_tokens=32, repeats=2):
         figures[f"B{B}_hf_generate_decode_tok_s"] = round(hf_tps, 2)
         figures[f"B{B}_ratio"] = round(ours_tps / hf_tps, 3)
         figures[f"B{B}_same_tokens"] = tokens["ours"] == tokens["hf"]
+    print_row(figures)
     return figures
+
+
+def bench_kv_cache(model_dir="", past_tokens=(1024, 4096), batch=2, new_tokens=32, repeats=2):
+    """Greedy decode tokens/s after a past_tokens-token prompt (batch rows), generate.GrowingLayer (written in
+    place) against transformers' DynamicLayer (concatenated: the whole cache copied a token), same tokens. Decode
+    time: the sampler's own clock of its decode loop (STATS), the prefill not counted."""
+    model, tok = _load(model_dir)
+    rows = []
+    for past in past_tokens:
+        text = generate.synthetic_corpus(tok, 1, past - 64, past, seed=1)[0][1]
+        prompts = [longpo.render_chat(tok, [text + "\n\n" + q])[0][-past:] for q in ("Who?", "Where?")][:batch]
+        t, tokens = {}, {}
+        for _ in range(repeats):  # the sides alternate
+            for name, layer in (("growing", GrowingLayer), ("dynamic", DynamicLayer)):
+                generate.CACHE_LAYER = layer
+                generate.STATS.clear()
+                try:
+                    tokens[name] = generate.generate_tokens(model, prompts, [], new_tokens)
+                finally:
+                    generate.CACHE_LAYER = GrowingLayer
+                t[name] = min(t.get(name, float("inf")), generate.STATS["decode_s"])
+        tps = {k: len(prompts) * new_tokens / t[k] for k in ("growing", "dynamic")}
+        row = {"past_tokens": len(prompts[0]), "batch": len(prompts), "growing_decode_tok_s": round(tps["growing"], 2),
+               "dynamic_decode_tok_s": round(tps["dynamic"], 2), "speedup": round(tps["growing"] / tps["dynamic"], 2),
+               "same_tokens": tokens["growing"] == tokens["dynamic"]}
+        print_row(row)
+        rows.append(row)
+    return rows
 
 
 def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_tokens=8, repeats=1):
@@ -120,9 +149,11 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
 
     t_reuse, out_reuse = _best(reuse, repeats)
     t_fresh, out_fresh = _best(fresh, repeats)
-    return {"doc_tokens": len(prompts[0]), "instructions": n_instructions, "new_tokens": new_tokens,
-            "reuse_s": round(t_reuse, 2), "fresh_s": round(t_fresh, 2), "speedup": round(t_fresh / t_reuse, 2),
-            "same_tokens": out_reuse == out_fresh}
+    row = {"doc_tokens": len(prompts[0]), "instructions": n_instructions, "new_tokens": new_tokens,
+           "reuse_s": round(t_reuse, 2), "fresh_s": round(t_fresh, 2), "speedup": round(t_fresh / t_reuse, 2),
+           "same_tokens": out_reuse == out_fresh}
+    print_row(row)
+    return row
 
 
 def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048):
@@ -478,6 +509,7 @@ SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when 
     "sequence_parallel": lambda c: bench_sequence_parallel(c.tokens, steps=c.steps, shape=c.shape,
                                                            tokenizer=c.tokenizer),
     "decode": lambda c: [bench_decode(c.model, repeats=c.repeats)],
+    "kv_cache": lambda c: bench_kv_cache(c.model, repeats=c.repeats),
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
     "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats, doc=c.stages_doc),
     "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
