@@ -58,7 +58,7 @@ import torch
 
 import longpo
 from generate import cache_kwargs, eos_token_ids, generate_tokens, new_cache, prefill
-from longpo import print0
+from longpo import checked, print0
 
 
 # -----------------------------------------------------------------------------
@@ -80,20 +80,25 @@ class EvalConfig:
     lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
     tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))  # long-context tasks to run; all = every one
     task_file: str = ""  # JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join --tasks
-    samples: int = 1  # samples per task and length (RULER uses 500; 1 keeps the CPU run to minutes)
-    batch: int = 4  # prompts per generate_tokens call
-    max_new_tokens: int = 0  # cap on generated tokens a sample; 0 = 2 x reference-answer tokens + 16
+    samples: int = checked(1, lambda x: x >= 1)  # samples per task and length (RULER uses 500; 1 keeps the CPU run
+                                                 # to minutes)
+    batch: int = checked(4, lambda x: x >= 1)  # prompts per generate_tokens call
+    max_new_tokens: int = checked(0, lambda x: x >= 0)  # cap on generated tokens a sample; 0 = 2 x reference-answer
+                                                        # tokens + 16
     seed: int = 0  # every haystack, needle and option derives from it
-    threshold: float = 85.6  # effective length: task-average score (0-100) a length must reach (RULER's value)
+    threshold: float = checked(85.6, lambda x: 0 <= x <= 100)  # effective length: task-average score (0-100) a
+                                                               # length must reach (RULER's value)
     short_data: str = ""  # generate.py JSONL of held-out records; "" skips NLL and KL
-    short_n: int = 64  # (chunk, instruction) pairs read from --short_data
+    short_n: int = checked(64, lambda x: x >= 1)  # (chunk, instruction) pairs read from --short_data
     mc: str = ""  # JSONL of {question, choices, answer (0-based index)}; "" skips acc and acc_norm
     json: str = "out/eval.json"  # every number of the tables, and each sample's prompt size, depth and output
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU | float32 | float64 | bfloat16
-    prefill_chunk: int = 0  # prompt tokens per forward while prefilling the KV cache; 0 = 8192 on CPU (an 8K
-                            # prompt in one chunk takes SDPA's causal fast path: 1.2x faster than four 2K chunks),
-                            # 2048 on CUDA (each later chunk attends through a (chunk, past) mask, which a 128K
-                            # prompt makes large)
+    dtype: str = checked("auto", choices=("auto", "float32", "float64", "bfloat16"))  # auto = bfloat16 on CUDA,
+                                                                                      # float32 on CPU
+    prefill_chunk: int = checked(0, lambda x: x >= 0)  # prompt tokens per forward while prefilling the KV cache;
+                                                       # 0 = 8192 on CPU (an 8K prompt in one chunk takes SDPA's
+                                                       # causal fast path: 1.2x faster than four 2K chunks), 2048 on
+                                                       # CUDA (each later chunk attends through a (chunk, past)
+                                                       # mask, which a 128K prompt makes large)
 
 
 # -----------------------------------------------------------------------------
@@ -721,8 +726,6 @@ def main(cfg):
         if missing:
             raise SystemExit(f"--task_file {cfg.task_file}: task {task!r} has fewer than --samples {cfg.samples} "
                              f"samples at length(s) {missing}")
-    if cfg.samples < 1 or cfg.batch < 1:
-        raise SystemExit("--samples and --batch must be at least 1")
     # every input is checked before the first model loads, so a typo costs seconds, not a sweep
     if os.path.isdir(cfg.json) or not longpo.creatable_dir(os.path.dirname(cfg.json) or "."):
         raise SystemExit(f"--json {cfg.json}: cannot be written (a directory, or under a file)")

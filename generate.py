@@ -485,8 +485,8 @@ def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, budget
     """longpo.response_logps of one-turn chats, batched over a prefill_prefixes cache: seqs[b] = (ids, turns) of
     render_chat's [user, response] for row b. Only what the row's cached tokens leave of its sequence is fed,
     padded between the cache and the rest (_pad_batch), and the LM head runs on the response's positions only
-    (render_chat's turn 1, through the end-of-turn marker), in chunks of budget logits. Returns (B,) float64, the sum over each
-    response's tokens; the cache is cropped back to the prefixes."""
+    (render_chat's turn 1, through the end-of-turn marker), in chunks of budget logits. Returns (B,) float64, the
+    sum over each response's tokens; the cache is cropped back to the prefixes."""
     device = next(model.parameters()).device
     past_mask, rest = read_prefixes(cached, [ids[:turns.index(1)] for ids, turns in seqs])  # rest: prompt tails
     rest = [tail + ids[turns.index(1):] for tail, (ids, turns) in zip(rest, seqs)]  # (prompt tail; response; ...)

@@ -692,6 +692,19 @@ def parse_config(cls, argv, base=None):
     for arg in argv:
         if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:
             raise SystemExit(f"{arg} has an empty value")
+    # a list flag takes every argument up to the next --flag, those starting with "-" too (argparse would stop there)
+    lists = {n for n in fields if type(getattr(base or cls(), n)) is list}
+    given, rest, current = {}, [], None  # current: the list flag whose values are being read
+    for arg in argv:
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else (None, "", "")
+        if name in lists:
+            given[name], current = ([value] if eq else []), name
+        elif current is not None and name is None:
+            given[current].append(arg)
+        else:
+            rest.append(arg)
+            current = None
+    argv = rest
     # a value that starts with "-" (--sp -1, --lr -1e-5) is attached to its flag, where argparse would take it for one
     joined = []
     for arg in argv:
@@ -708,7 +721,7 @@ def parse_config(cls, argv, base=None):
         if arg.startswith("--"):
             raise SystemExit(f"unknown flag {arg.split('=')[0]}; valid flags: {valid}")
         raise SystemExit(f"expected --field, got {arg!r}; valid flags: {valid}")
-    cfg = dataclasses.replace(base or cls(), **vars(parsed))
+    cfg = dataclasses.replace(base or cls(), **{**vars(parsed), **given})
     check_config(cfg)
     return cfg
 

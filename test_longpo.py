@@ -693,6 +693,12 @@ def test_flag_forms_and_old_checkpoints(tiny, tmp_path):
     with pytest.raises(SystemExit, match=r"^--lr -0.001 is out of range$"):
         longpo.parse_config(longpo.Config, ["--lr", "-1e-3"])
     assert "cosine to 0 over the run's steps" in longpo.field_comments(longpo.Config)["lr_schedule"]
+    import eval as E  # a list flag takes every value up to the next --flag, one starting with "-" too
+    cfg = longpo.parse_config(E.EvalConfig, ["--lengths", "-1K", "2K", "--tasks=vt", "-x", "--samples", "2"])
+    assert (cfg.lengths, cfg.tasks, cfg.samples) == (["-1K", "2K"], ["vt", "-x"], 2)
+    assert longpo.parse_config(E.EvalConfig, ["--lengths", "--samples", "2"]).lengths == []
+    with pytest.raises(SystemExit, match=r"^--samples -3 is out of range$"):  # eval's limits are field metadata too
+        longpo.parse_config(E.EvalConfig, ["--samples", "-3"])
     ckpt = tmp_path / "step-000002"
     ckpt.mkdir()
     old = {k: v for k, v in dataclasses.asdict(longpo.Config(data="d/a.jsonl")).items()
