@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 import longpo
-from generate import cache_kwargs, eos_token_ids, generate_tokens, new_cache, prefill
+from generate import cache_kwargs, eos_token_ids, generate_tokens, new_cache, prefill, reserve
 from longpo import checked, print0
 
 
@@ -386,6 +386,7 @@ def option_logliks(model, prompt_ids, options_ids, prefill_chunk=2048):
     so a long prompt costs one forward whatever the number of options."""
     device = next(model.parameters()).device
     cache = new_cache(model)
+    reserve(cache, len(prompt_ids) + max(map(len, options_ids), default=0))
     x = torch.tensor(prompt_ids, device=device)[None]  # (1, T)
     first = prefill(model, x, cache, prefill_chunk)[0].log_softmax(-1)  # (V,): the last prompt position's prediction
     out = []

@@ -298,6 +298,7 @@ class GrowingLayer(DynamicLayer):
             k[:, :, :self.n] = self.k_buf[:, :, :self.n]
             v[:, :, :self.n] = self.v_buf[:, :, :self.n]
         self.k_buf, self.v_buf, self.capacity = k, v, tokens
+        self._views()  # the old buffers are freed here, one layer at a time, not at the layer's next update
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -342,6 +343,9 @@ class GrowingLayer(DynamicLayer):
     def reorder_cache(self, beam_idx):
         self.batch_select_indices(beam_idx)
 
+    def offload(self):  # the inherited one would move the views and leave the buffers where they are
+        raise NotImplementedError("GrowingLayer does not offload: build the cache with offloading=False")
+
 
 CACHE_LAYER = GrowingLayer  # bench.py sets DynamicLayer to time the path before
 
@@ -373,8 +377,22 @@ def generate_tokens(model, prompts, eos_ids, max_new_tokens, temperature=0.0, to
         return _generate(model, new_cache(model), prompts, torch.zeros(len(prompts), 0, dtype=torch.long), eos_ids,
                          max_new_tokens, temperature, top_p, generator, prefill_chunk)
     past_mask, rest = read_prefixes(cached, prompts)
-    return _generate(model, copy.deepcopy(cache), rest, past_mask, eos_ids, max_new_tokens, temperature, top_p,
-                     generator, prefill_chunk)
+    twin = copy_cache(model, cache, past_mask.shape[1] + max(len(r) for r in rest) + max_new_tokens)
+    return _generate(model, twin, rest, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
+                     prefill_chunk)
+
+
+def copy_cache(model, cache, tokens):
+    """A copy of `cache` with room for `tokens` positions, allocated once a layer (a deepcopy grown afterwards
+    would hold the cache three times at once); a deepcopy where a layer is not a GrowingLayer."""
+    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
+        return copy.deepcopy(cache)
+    twin = new_cache(model)
+    reserve(twin, tokens)
+    for dst, src in zip(twin.layers, cache.layers):
+        if src.get_seq_length():
+            dst.update(src.keys, src.values)  # (B, H, n, D) into the reserved room
+    return twin
 
 
 def common_prefix_len(prompts):

@@ -1002,6 +1002,10 @@ def test_growing_cache_equals_transformers_dynamic_cache(tiny_models):
     from transformers.cache_utils import DynamicLayer
     model, tok = load(tiny_models["llama"], torch.float64)
     ids = torch.tensor(prompts_of(tok, (12,), seed=4))  # (1, T)
+    T, capacity = ids.shape[1], 0
+    for s in range(0, T, 4):  # the room chunks of 4 leave: what a chunk needs, or half again as much
+        capacity = max(min(s + 4, T), capacity * 3 // 2) if min(s + 4, T) > capacity else capacity
+    assert capacity > T  # growth by half ran (and left room)
 
     def run(layer_class):
         G.CACHE_LAYER = layer_class
@@ -1010,7 +1014,9 @@ def test_growing_cache_equals_transformers_dynamic_cache(tiny_models):
         finally:
             G.CACHE_LAYER = G.GrowingLayer
         assert all(type(layer) is layer_class for layer in cache.layers)
-        out = [G.prefill(model, ids, cache, chunk=7)]  # T tokens, 7 a forward: growth by half each time
+        out = [G.prefill(model, ids, cache, chunk=4)]  # T tokens, 4 a forward
+        if layer_class is G.GrowingLayer:
+            assert {(layer.n, layer.capacity) for layer in cache.layers} == {(T, capacity)}
         step = lambda c, t: G.decode_one_token(model, t, c, torch.full((t.shape[0],), c.get_seq_length()))
         out.append(step(cache, out[-1].argmax(-1)))
         G.reserve(cache, 64)
@@ -1051,7 +1057,7 @@ def test_document_prefix_seeded_from_its_first_chunk(tiny_models):
     G.STATS.clear()
     plain = G.generate_with_prefix_cache(model, prompts, [], 8, group=2)
     assert G.STATS["prefill_tokens"] == p + sum(len(q) - p for q in prompts)
-    for chunks, least in (([words(rng, 40), first], 0.25 * p), ([words(rng, 30)], 1)):
+    for chunks, least in (([words(rng, 120), first], 0.25 * p), ([words(rng, 30)], 1)):  # first: left padded
         cache, cached = G.prefill_prefixes(model, [longpo.render_chat(tok, [c])[0][:-3] for c in chunks], 16)
         shared = max(G.common_prefix_len([c, prompts[0]]) for c in cached)
         assert least <= shared < p
@@ -1060,6 +1066,12 @@ def test_document_prefix_seeded_from_its_first_chunk(tiny_models):
                                             start=(cache, cached)) == plain
         assert G.STATS["seeded_tokens"] == shared
         assert G.STATS["prefill_tokens"] == p - shared + sum(len(q) - p for q in prompts)
+        seeded, fresh = G.new_cache(model), G.new_cache(model)
+        assert G.seed_prefix(seeded, cache, cached, prompts[0][:p]) == shared
+        G.prefill(model, torch.tensor([prompts[0][:shared]]), fresh, 16)
+        for a, b in zip(seeded.layers, fresh.layers):  # the seeded entries are a prefill's of the shared tokens
+            torch.testing.assert_close(a.keys, b.keys, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(a.values, b.values, rtol=1e-10, atol=1e-10)
     assert G.seed_prefix(G.new_cache(model), cache, [], prompts[0]) == 0
 
 
