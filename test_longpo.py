@@ -8,6 +8,7 @@ Qwen2 / Llama models and a byte-level BPE tokenizer trained here stand in for re
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -275,6 +276,17 @@ def test_render_chat_masks_responses(tiny):
         text = tok.decode([x for x, k in zip(ids, turns) if k == i + 1])
         assert text == t["chosen"] + "<|im_end|>"
     assert tok.decode(ids).startswith("<|im_start|>user\n" + rec["document"] + "\n\n" + rec["turns"][0]["instruction"])
+    # the whole long chat of both branches, against the ChatML text written out by hand (the oracle of the gradient
+    # tests renders through long_messages too, so this is where its assembly is checked): 3 turns
+    rec = longpo.read_records(str(tiny / "data.jsonl"))[0]
+    assert len(rec["turns"]) == 3
+    for branch in ("chosen", "rejected"):
+        ids, turns = longpo.render_chat(tok, longpo.long_messages(rec, branch))
+        users = [rec["document"] + "\n\n" + rec["turns"][0]["instruction"]] + [t["instruction"] for t in rec["turns"][1:]]
+        assert tok.decode(ids) == "".join(f"<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n{t[branch]}"
+                                          f"<|im_end|>\n" for u, t in zip(users, rec["turns"]))
+        for i, t in enumerate(rec["turns"]):
+            assert tok.decode([x for x, k in zip(ids, turns) if k == i + 1]) == t[branch] + "<|im_end|>"
     # a template that emits an end-of-turn token before the assistant's text is refused, not masked wrongly
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{'<|im_end|>' + m['content'] + "
                          "'<|im_end|>'}}{% else %}{{'<|im_start|>user\n' + m['content']}}{% endif %}{% endfor %}")
@@ -1746,20 +1758,31 @@ def test_short_context_nll_and_kl_equal_direct(tiny64, tmp_path):
 
 
 def test_multiple_choice_by_direct_logliks(tiny64, tmp_path):
+    """acc picks the highest log-likelihood, acc_norm the highest per character: choices are searched for (in a
+    fixed order) where the two picks differ, so that a swap of the two scores cannot pass."""
     model, tok = tiny64
-    items = [{"question": "what is the sun", "choices": ["a star", "blue green tree", "one"], "answer": a}
-             for a in range(3)]
-    prompt = longpo.render_chat(tok, [items[0]["question"]])[0]
-    with torch.no_grad():
-        ll = [direct_logps(model, prompt + tok(c, add_special_tokens=False)["input_ids"])[len(prompt) - 1:].sum().item()
-              for c in items[0]["choices"]]
-    best = max(range(3), key=ll.__getitem__)
-    best_norm = max(range(3), key=lambda j: ll[j] / len(items[0]["choices"][j]))
+    question = "what is the sun"
+    prompt = longpo.render_chat(tok, [question])[0]
+
+    def logliks(choices):
+        with torch.no_grad():
+            return [direct_logps(model, prompt + tok(c, add_special_tokens=False)["input_ids"])[len(prompt) - 1:]
+                    .sum().item() for c in choices]
+
+    pool = ["a star", "blue green tree", "one", "the moon is a stone", "x", "red", "where the river is blue"]
+    for choices in itertools.combinations(pool, 3):
+        ll = logliks(choices)
+        best = max(range(3), key=ll.__getitem__)
+        best_norm = max(range(3), key=lambda j: ll[j] / len(choices[j]))
+        if best != best_norm:
+            break
+    assert best != best_norm
+    items = [{"question": question, "choices": list(choices), "answer": a} for a in range(3)]
     got = E.multiple_choice(model, tok, items)
     assert got["items"] == 3
     assert got["acc"] == pytest.approx(100 / 3) and got["acc_norm"] == pytest.approx(100 / 3)
-    assert E.multiple_choice(model, tok, [items[best]])["acc"] == 100.0
-    assert E.multiple_choice(model, tok, [items[best_norm]])["acc_norm"] == 100.0
+    assert E.multiple_choice(model, tok, [items[best]]) == dict(items=1, acc=100.0, acc_norm=0.0)
+    assert E.multiple_choice(model, tok, [items[best_norm]]) == dict(items=1, acc=0.0, acc_norm=100.0)
 
 
 def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
@@ -1773,8 +1796,8 @@ def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
         return [(p if j == 0 else [], j == 0) for j, p in enumerate(prompts)]
 
     monkeypatch.setattr(E, "generate_tokens", echo)
-    cfg = E.EvalConfig(samples=2, batch=4, tasks=list(E.TASKS), max_new_tokens=10**6)  # the echo is never cut
-    out = E.long_context(cfg, model, tok, "tiny", [1024])
+    every = E.EvalConfig(samples=2, batch=4, tasks=list(E.TASKS), max_new_tokens=10**6)  # the echo is never cut
+    out = E.long_context(every, model, tok, "tiny", [1024])
     for task in E.TASKS[:-1]:
         assert out[task][1024]["string_match_all"] == 50.0 and out[task][1024]["string_match_part"] == 50.0
     assert len(calls) == len(E.TASKS) - 1 and all(n == 2 and t == 0.0 and m == 10**6 for n, t, m in calls)
@@ -1785,8 +1808,14 @@ def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
     prompt = E.make_sample("niah_single", tok, 1024, 0, cfg)["prompt_ids"]
     assert first["pred"] == tok.decode(prompt[:5], skip_special_tokens=True).strip()
     mc = out["mc_records"][1024]
-    for s in mc["samples"]:  # the option picked is the argmax of its log-likelihoods
+    for i, s in enumerate(mc["samples"]):  # the option picked is the argmax of its log-likelihoods, each given the
+        # whole prompt (a plain forward over [prompt; option] as the oracle)
         assert s["pred"] == s["options"][max(range(4), key=s["logliks"].__getitem__)]
+        prompt = E.make_sample("mc_records", tok, 1024, i, every)["prompt_ids"]
+        with torch.no_grad():
+            want = [direct_logps(model, prompt + tok(o, add_special_tokens=False)["input_ids"])[len(prompt) - 1:]
+                    .sum().item() for o in s["options"]]
+        assert s["logliks"] == pytest.approx(want, rel=1e-9, abs=1e-9)
     assert mc["score"] == 50.0 * sum(s["pred"] == s["answers"][0] for s in mc["samples"])
 
 
