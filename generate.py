@@ -18,9 +18,9 @@ serves the chunk's pool, its chosen answer and both of its reference log-probs; 
     # an override: the next round of self-evolution, from a longpo.py checkpoint, on longer documents
     python generate.py --model out/longpo/step-000100 --corpus docs/ --max_len 262144
 
-Output: JSONL, one record per document (schema: DESIGN.md). Each rank appends one line per finished document to
-OUT.parts/rank-NNNNN.jsonl and flushes it; a rerun resumes from there, and the parts are merged into OUT, sorted by
-document index, at the end. Symbols: B batch (prompts decoded together), T tokens, V vocabulary.
+Output: JSONL, one record per document (schema: README.md, Record schema). Each rank appends one line per finished
+document to OUT.parts/rank-NNNNN.jsonl and flushes it; a rerun resumes from there, and the parts are merged into
+OUT, sorted by document index, at the end. Symbols: B batch (prompts decoded together), T tokens, V vocabulary.
 """
 
 import contextlib

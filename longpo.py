@@ -68,7 +68,7 @@ def checked(default, ok=None, choices=None):
 @dataclass
 class Config:
     # data and model
-    data: str = "data/longpo.jsonl"  # JSONL written by generate.py (schema: DESIGN.md)
+    data: str = "data/longpo.jsonl"  # JSONL written by generate.py (schema: README.md, Record schema)
     model: str = ""  # local HF causal-LM directory (Mistral / Llama / Qwen2); "" = embedded SmolLM2-135M-Instruct
     out: str = "out/longpo"  # checkpoints, metrics.jsonl, resolved config
     max_len: int = checked(131072, lambda x: x >= 2)  # longest chosen or rejected sequence, and the policy's max positions (paper: 128K)
@@ -842,7 +842,7 @@ def _finite_number(x):
 
 
 def validate_record(rec, where, need_ref=True):
-    """Raises ValueError naming file:line and the field for every malformed part of a DESIGN.md record."""
+    """Raises ValueError naming file:line and the field for every malformed part of a record (README.md, Record schema)."""
     check_field(isinstance(rec, dict), where, "<record>", f"expected a JSON object, got {type(rec).__name__}")
     check_field(isinstance(rec.get("id"), str) and rec["id"], where, "id", "missing, empty or not a string")
     doc = rec.get("document")

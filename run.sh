@@ -24,7 +24,7 @@ case "${1:-}" in
     ;;
   pipeline)
     install
-    # the paper's loop in miniature (about 3.6 min on a 2-core CPU); results in out/miniature
+    # the paper's loop in miniature (about 4 min on a 2-core CPU); results in out/miniature
     python miniature.py
     ;;
   smollm2)

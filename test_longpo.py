@@ -80,7 +80,7 @@ def make_model(path, family="mistral", heads=4, kv_heads=2, layers=2, hidden=32,
 
 
 def make_records(path, n=6, turns=(1, 3), doc_words=(120, 240), resp_words=(3, 20), seed=0):
-    """Records in the JSONL schema of DESIGN.md, with random text and reference log-probs."""
+    """Records in the JSONL schema of README.md, with random text and reference log-probs."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for k in range(n):
