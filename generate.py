@@ -1135,7 +1135,8 @@ def main(argv):
             longpo.print0(
                 f"doc {processed}/{len(todo)} (rank 0) | turns kept {len(record['turns']) if record else 0} | dropped "
                 f"so far: chosen {branch_drops(seen, 'chosen')}, rejected {branch_drops(seen, 'rejected')} | "
-                f"prefill {STATS['prefill_tokens'] / max(STATS['prefill_s'], 1e-9):.0f} tok/s | "
+                f"prefill {STATS['prefill_tokens'] / max(STATS['prefill_s'], 1e-9):.0f} tok/s "
+                f"({STATS['seeded_tokens']} tokens seeded from chunks) | "
                 f"decode {STATS['decode_tokens'] / max(STATS['decode_s'], 1e-9):.1f} tok/s | "
                 f"per record: {stages} | "
                 f"elapsed {elapsed:.0f}s | left ~{elapsed / processed * (len(todo) - processed):.0f}s")
