@@ -159,7 +159,7 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
 def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048):
     """One record of the embedded `python generate.py` (document `doc` of its corpus: about 4K tokens, 1K-token
     chunks, 2 turns), each chunk prefilled once (build_record) against prefilled for each of its four uses
-    (share_chunks=False: the path before), by stage; then the reference log-probs of one turn at a
+    (share_chunks=False) over transformers' concatenating DynamicLayer: the path before, by stage; then the reference log-probs of one turn at a
     reference_chunk-token chunk, [I; y] over the chunk's cache (cached_response_logps; the cache itself is the
     pool's, so not timed) against longpo.response_logps' full forward over [C_S; I; y], chosen and rejected.
     Sides alternate; the fastest of `repeats` runs counts."""

@@ -313,7 +313,7 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self):
-        return self.n if self.is_initialized else 0
+        return self.n if self.is_initialized and self.k_buf is not None and self.k_buf.shape[0] else 0  # no rows: 0
 
     def reset(self):
         self.k_buf = self.v_buf = None
