@@ -2083,6 +2083,8 @@ def test_miniature_end_to_end_toy(tmp_path):
     g = res["data"]["r1"]
     assert g["turns"] == g["gradable"] + g["fallback_instruction"] + g["malformed_question"] + g["key_not_in_chunk"]
     assert g["turns"] > 0 and 0 <= g["chosen_right_rate"] <= 1
+    again = M.grade(str(out / "r1.jsonl"), str(out / "corpus_r1.jsonl"))  # the grades are of round 1's own files
+    assert {k: g[k] for k in again} == again
     assert (out / "scores.png").stat().st_size > 0 and (out / "rewards.png").stat().st_size > 0
     assert "LongPO round 2" in p.stdout
 
