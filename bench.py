@@ -116,12 +116,9 @@ def bench_kv_cache(model_dir="", past_tokens=(1024, 4096), batch=2, new_tokens=3
         t, tokens = {}, {}
         for _ in range(repeats):  # the sides alternate
             for name, layer in (("growing", GrowingLayer), ("dynamic", DynamicLayer)):
-                generate.CACHE_LAYER = layer
                 generate.STATS.clear()
-                try:
+                with generate.cache_layer(layer):
                     tokens[name] = generate.generate_tokens(model, prompts, [], new_tokens)
-                finally:
-                    generate.CACHE_LAYER = GrowingLayer
                 t[name] = min(t.get(name, float("inf")), generate.STATS["decode_s"])
         tps = {k: len(prompts) * new_tokens / t[k] for k in ("growing", "dynamic")}
         row = {"past_tokens": len(prompts[0]), "batch": len(prompts), "growing_decode_tok_s": round(tps["growing"], 2),
@@ -172,13 +169,10 @@ def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048
     for _ in range(repeats):
         for side, share in (("old", False), ("new", True)):
             generate.STATS.clear()
-            generate.CACHE_LAYER = GrowingLayer if share else DynamicLayer  # old: the concatenating cache
             t0 = time.perf_counter()
-            try:
+            with generate.cache_layer(GrowingLayer if share else DynamicLayer):  # old: the concatenating cache
                 records[side], counts = generate.build_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
                                                               "bench", share_chunks=share)
-            finally:
-                generate.CACHE_LAYER = GrowingLayer
             times = {k: generate.STATS[k + "_s"] for k in generate.STAGES}
             times["record"] = time.perf_counter() - t0
             best[side] = {k: min(v, best.get(side, times)[k]) for k, v in times.items()}
@@ -204,7 +198,7 @@ def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048
     user = text[s:e] + "\n\n" + turn["instruction"]
     messages = [[user, turn[key]] for key in ("chosen", "rejected")]
     prompt = longpo.render_chat(tok, [user])[0]
-    prefix = prompt[:generate.common_prefix_len([prompt, longpo.render_chat(tok, [text[s:e]])[0]])]
+    prefix = generate.chunk_prefix(tok, prompt, text[s:e])
     cache, cached = generate.prefill_prefixes(model, [prefix], cfg.prefill_chunk)
 
     def full():

@@ -166,6 +166,18 @@ def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_i
 
 
 @torch.inference_mode()
+def fill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
+    """prefill without the logits: feed input_ids (B, T) into the cache, timed into STATS (prefill tokens counted
+    from the mask's ones, pads excluded). For a cache that later prompts continue."""
+    t0 = time.time()
+    for _ in _forward_chunks(model, input_ids, cache, chunk, attention_mask, position_ids):
+        pass
+    _sync(input_ids.device)
+    STATS["prefill_tokens"] += input_ids.numel() if attention_mask is None else int(attention_mask.sum())
+    STATS["prefill_s"] += time.time() - t0
+
+
+@torch.inference_mode()
 def decode_one_token(model, token, cache, position_ids, attention_mask=None):
     """One step: token (B,) at position_ids (B,) -> logits (B, V). attention_mask (B, past + 1) or None."""
     hidden = model.model(input_ids=token[:, None], position_ids=position_ids[:, None], attention_mask=attention_mask,
@@ -281,10 +293,6 @@ class GrowingLayer(DynamicLayer):
         self.n = self.capacity = self.hint = 0  # hint: the room reserve() asked for before the first update
         self.k_buf = self.v_buf = None
 
-    def lazy_initialization(self, key_states, value_states):
-        self.device = key_states.device
-        self.is_initialized = True
-
     def _views(self):
         self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]  # (B, H, n, D): no copy
 
@@ -295,7 +303,7 @@ class GrowingLayer(DynamicLayer):
             k = like_k.new_empty(B, H, tokens, like_k.shape[-1])  # (B, H, tokens, D)
             v = like_v.new_empty(B, H, tokens, like_v.shape[-1])
         if self.n:
-            k[:, :, :self.n] = self.k_buf[:, :, :self.n]
+            k[:, :, :self.n] = self.k_buf[:, :, :self.n]  # (B, H, n, D) into the first n of the new room
             v[:, :, :self.n] = self.v_buf[:, :, :self.n]
         self.k_buf, self.v_buf, self.capacity = k, v, tokens
         self._views()  # the old buffers are freed here, one layer at a time, not at the layer's next update
@@ -313,9 +321,10 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self):
-        return self.n if self.is_initialized and self.k_buf is not None and self.k_buf.shape[0] else 0  # no rows: 0
+        # a cache left with no rows (keep_rows of none) holds nothing, as DynamicLayer's empty keys say
+        return self.n if self.is_initialized and self.k_buf is not None and self.k_buf.shape[0] else 0
 
-    def reset(self):
+    def reset(self):  # the inherited reset and reorder_cache would touch the views and leave the buffers
         self.k_buf = self.v_buf = None
         self.n = self.capacity = 0
         super().reset()
@@ -347,7 +356,18 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("GrowingLayer does not offload: build the cache with offloading=False")
 
 
-CACHE_LAYER = GrowingLayer  # bench.py sets DynamicLayer to time the path before
+CACHE_LAYER = GrowingLayer  # the layer new_cache builds; cache_layer(DynamicLayer) times the path before
+
+
+@contextlib.contextmanager
+def cache_layer(layer_class):
+    """new_cache builds layer_class layers inside the block (bench.py and a test compare against transformers')."""
+    global CACHE_LAYER
+    CACHE_LAYER = layer_class
+    try:
+        yield
+    finally:
+        CACHE_LAYER = GrowingLayer
 
 
 def new_cache(model):
@@ -419,11 +439,7 @@ def generate_with_prefix_cache(model, prompts, eos_ids, max_new_tokens, temperat
     reserve(cache, max(len(q) for q in prompts) + max_new_tokens)  # the prefix and, per group, a prompt and answer
     seeded = seed_prefix(cache, *start, prompts[0][:p]) if start is not None else 0
     if p > seeded:
-        t0 = time.time()
-        prefill(model, torch.tensor([prompts[0][seeded:p]], device=device), cache, prefill_chunk)  # (1, p - seeded)
-        _sync(device)
-        STATS["prefill_tokens"] += p - seeded
-        STATS["prefill_s"] += time.time() - t0
+        fill(model, torch.tensor([prompts[0][seeded:p]], device=device), cache, prefill_chunk)  # (1, p - seeded)
     results = []
     for s in range(0, len(prompts), max(group, 1)):
         rows = prompts[s:s + max(group, 1)]
@@ -451,12 +467,14 @@ def prefill_prefixes(model, prefixes, prefill_chunk=2048):
     reserve(cache, max(len(p) for p in prefixes))
     if max(len(p) for p in prefixes) > 0:
         ids, mask, pos = (x.to(device) for x in _pad_batch(prefixes, torch.zeros(len(prefixes), 0, dtype=torch.long)))
-        t0 = time.time()
-        prefill(model, ids, cache, prefill_chunk, None if bool(mask.all()) else mask, pos)
-        _sync(device)
-        STATS["prefill_tokens"] += sum(len(p) for p in prefixes)
-        STATS["prefill_s"] += time.time() - t0
+        fill(model, ids, cache, prefill_chunk, None if bool(mask.all()) else mask, pos)
     return cache, [list(p) for p in prefixes]
+
+
+def chunk_prefix(tokenizer, prompt, chunk):
+    """The tokens of `prompt` (a rendered [C_S; ...] user turn) that [template; C_S] alone shares: the part of a
+    chunk's prompt that every later use of the chunk begins with, so the part worth caching."""
+    return prompt[:common_prefix_len([prompt, longpo.render_chat(tokenizer, [chunk])[0]])]
 
 
 def read_prefixes(cached, prompts):
@@ -482,7 +500,7 @@ def seed_prefix(cache, chunks, cached, prefix):
     were copied; 0 where a layer is not a GrowingLayer (a sliding window keeps only its last tokens)."""
     if not cached or not all(isinstance(layer, GrowingLayer) for layer in (*cache.layers, *chunks.layers)):
         return 0
-    shared = [common_prefix_len([c, prefix]) if c and prefix else 0 for c in cached]
+    shared = [common_prefix_len([c, prefix]) for c in cached]
     row = max(range(len(cached)), key=shared.__getitem__)
     q, a = shared[row], chunks.get_seq_length() - len(cached[row])  # a: where the row's tokens begin (left padded)
     if q:
@@ -839,17 +857,17 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
     response_args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
                          top_p=cfg.response_top_p, generator=gen, **sample_args)  # B.1: greedy by default
 
-    # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1); Eq. 5's extractor F(C_L, I_L) is
-    # this chunking: x_S = [C_S^i; I^i] holds what the instruction asks about, inside πS's window
+    # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1); x_S = [C_S^i; I^i] holds what the
+    # instruction asks about, inside πS's window
     t0 = time.time()
-    spans = sample_chunks(chunk_spans(offsets, text, cfg.chunk_tokens, cfg.min_chunk_tokens), cfg.chunks_per_doc, rng)
+    spans = sample_chunks(chunk_spans(offsets, text, cfg.chunk_tokens, cfg.min_chunk_tokens), cfg.chunks_per_doc,
+                          rng)  # Eq. 5's extractor F(C_L, I_L): this chunking
     counts["turns"] += len(spans)
     pool_prompts = [render(text[s:e] + "\n\n" + POOL_PROMPT.format(n=cfg.pool_size)) for s, e in spans]
     # each chunk's KV cache, computed once: the tokens its pool prompt shares with [template; C_S^i] alone, which
     # every later use of the chunk begins with (read_prefixes checks it, token by token). It is kept until the
     # reference log-probs: beside the document's cache while the rejected answers decode
-    prefixes = [p[:common_prefix_len([p, render(text[s:e])])] if share_chunks else []
-                for p, (s, e) in zip(pool_prompts, spans)]
+    prefixes = [chunk_prefix(tokenizer, p, text[s:e]) if share_chunks else [] for p, (s, e) in zip(pool_prompts, spans)]
     cache, cached = prefill_prefixes(model, prefixes, cfg.prefill_chunk)
     # an instruction pool per chunk (B.1: T = 0.7, top-p = 0.9), one instruction I^i picked from it at random
     pools = generate_tokens(model, pool_prompts, max_new_tokens=cfg.pool_max_new_tokens,
@@ -916,9 +934,9 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
         messages = [longpo.short_messages(record, i, t[key]) for i, t in enumerate(turns)]
         if share_chunks:
             seqs = [longpo.render_chat(tokenizer, m) for m in messages]
-            logps = cached_response_logps(model, cache, cached, seqs, cfg.prefill_chunk).tolist()
+            logps = cached_response_logps(model, cache, cached, seqs, cfg.prefill_chunk).tolist()  # Eq. 12-13
         else:
-            logps = [longpo.response_logps(model, tokenizer, m)[0].item() for m in messages]
+            logps = [longpo.response_logps(model, tokenizer, m)[0].item() for m in messages]  # Eq. 12-13
         for t, logp in zip(turns, logps):
             t[f"ref_{key}_logp"] = logp
     stage_done("reference", t0)

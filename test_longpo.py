@@ -122,9 +122,10 @@ def torchrun(nproc, *args, timeout=300):
     return p.stdout
 
 
-def exact_rmsnorm():
+def exact_rmsnorm(monkeypatch=None):
     """The models' RMSNorm casts to float32 inside, even for float64 inputs; a float64 comparison between two
-    computations would then see float32 rounding, so the float64 tests compute the norm in the input's dtype."""
+    computations would then see float32 rounding, so the float64 tests compute the norm in the input's dtype.
+    With pytest's monkeypatch the change is undone after the test."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.mistral.modeling_mistral import MistralRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
@@ -132,7 +133,10 @@ def exact_rmsnorm():
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
     for cls in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm):
-        cls.forward = forward
+        if monkeypatch is None:
+            cls.forward = forward
+        else:
+            monkeypatch.setattr(cls, "forward", forward)
 
 
 def oracle(model, tok, records, cfg):
@@ -1020,11 +1024,8 @@ def test_growing_cache_equals_transformers_dynamic_cache(tiny_models):
     assert capacity > T  # growth by half ran (and left room)
 
     def run(layer_class):
-        G.CACHE_LAYER = layer_class
-        try:
+        with G.cache_layer(layer_class):
             cache = G.new_cache(model)
-        finally:
-            G.CACHE_LAYER = G.GrowingLayer
         assert all(type(layer) is layer_class for layer in cache.layers)
         out = [G.prefill(model, ids, cache, chunk=4)]  # T tokens, 4 a forward
         if layer_class is G.GrowingLayer:
@@ -1142,9 +1143,9 @@ def gen_cfg(**overrides):
                                  max_new_tokens=12, rep_ratio_chosen=1.0, rep_ratio_rejected=1.0), **overrides})
 
 
-def record_of(cfg, model, tok, text, index=0):
+def record_of(cfg, model, tok, text, index=0, **kw):
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return G.build_record(cfg, model, tok, [tok.eos_token_id], index, "test", text, offsets, "tiny")
+    return G.build_record(cfg, model, tok, [tok.eos_token_id], index, "test", text, offsets, "tiny", **kw)
 
 
 def same_turns(a, b, tol=1e-4):
@@ -1428,10 +1429,8 @@ def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, d
     """log πS(y | C_S, I) from [I; y] fed over the chunks' cache equals longpo.response_logps' full forward over
     [C_S; I; y], for several turns of uneven chunk lengths in one batch (one row's cached tokens reaching past what
     its sequence shares), chosen then rejected over the same cache, with a chunked prefill."""
-    if dtype == torch.float64:  # exact_rmsnorm, undone after the test
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-        monkeypatch.setattr(LlamaRMSNorm, "forward", lambda self, x: self.weight * (
-            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)))
+    if dtype == torch.float64:
+        exact_rmsnorm(monkeypatch)
     model, tok = load(tiny_models["llama"], dtype)
     rng = random.Random(3)
     chunks = [words(rng, n) for n in (40, 110, 70, 15)]
@@ -1459,17 +1458,13 @@ def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
     """build_record with each chunk prefilled once gives the record of the path that prefills it four times
     (share_chunks=False: fresh pools and chosen answers, longpo.response_logps per reference), in float64 to
     1e-10, with fewer prefill tokens; the stages' seconds are counted."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    monkeypatch.setattr(LlamaRMSNorm, "forward", lambda self, x: self.weight * (
-        x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)))
+    exact_rmsnorm(monkeypatch)
     model, tok = load(tiny_models["llama"], torch.float64)
     text = words(random.Random(20), 300)
-    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     out = {}
     for share in (False, True):
         G.STATS.clear()
-        out[share] = G.build_record(gen_cfg(), model, tok, [tok.eos_token_id], 0, "test", text, offsets, "tiny",
-                                    share_chunks=share), G.STATS["prefill_tokens"]
+        out[share] = record_of(gen_cfg(), model, tok, text, share_chunks=share), G.STATS["prefill_tokens"]
         assert all(G.STATS[k + "_s"] > 0 for k in G.STAGES)
         seeded = G.STATS["seeded_tokens"]
     (old, old_counts), old_tokens = out[False]
