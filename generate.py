@@ -1050,7 +1050,7 @@ def main(argv):
     env = longpo.setup_distributed(sp=1)  # every rank its own dp group: ranks split the documents
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world}: documents split over ranks; corpus: {cfg.corpus or 'embedded synthetic'}")
-    dtype = longpo.inference_dtype(cfg.dtype, env.device, ("auto", "float32", "float64"))
+    dtype = longpo.inference_dtype(cfg.dtype, env.device)
 
     # model; the chunk size from πS's window (a chunk that cannot fit is refused before anything is written)
     model, tokenizer = longpo.load_model(cfg.model, dtype, attn="sdpa")

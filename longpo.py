@@ -180,8 +180,10 @@ def _to_heads(x, shares, group):
     send = send.transpose(0, 1).contiguous()  # (Σ_j h_j, B, T/P, D): split along dim 0 by destination
     h_me = len(shares[me])
     recv = x.new_empty(P * h_me, B, Tl, D)  # from each source rank i: (h_me, B, T/P, D) of slice i
-    dist.all_to_all_single(recv, send, [h_me] * P, [len(s) for s in shares], group=group)  # send h_j to rank j
-    return recv.view(P, h_me, B, Tl, D).permute(2, 1, 0, 3, 4).reshape(B, h_me, P * Tl, D)  # (B, h_me, T, D)
+    dist.all_to_all_single(recv, send, [h_me] * P, [len(s) for s in shares], group=group)  # (Σ_j h_j, B, T/P, D)
+    # -> (P·h_me, B, T/P, D): h_j heads to rank j
+    return recv.view(P, h_me, B, Tl, D).permute(2, 1, 0, 3, 4).reshape(B, h_me, P * Tl, D)  # (P·h_me, B, T/P, D)
+    # -> (B, h_me, T, D): slice i of the sequence from rank i
 
 
 def _to_seq(y, shares, group, num_heads):
@@ -189,9 +191,11 @@ def _to_seq(y, shares, group, num_heads):
     P = len(shares)
     B, h_me, T, D = y.shape
     Tl = T // P
-    send = y.view(B, h_me, P, Tl, D).permute(2, 1, 0, 3, 4).reshape(P * h_me, B, Tl, D)  # slice i to rank i
+    send = y.view(B, h_me, P, Tl, D).permute(2, 1, 0, 3, 4).reshape(P * h_me, B, Tl, D)  # (B, h_me, T, D) ->
+    # (P·h_me, B, T/P, D): slice i to rank i
     recv = y.new_empty(sum(len(s) for s in shares), B, Tl, D)  # (Σ_j h_j, B, T/P, D)
-    dist.all_to_all_single(recv, send, [len(s) for s in shares], [h_me] * P, group=group)  # h_j from rank j
+    dist.all_to_all_single(recv, send, [len(s) for s in shares], [h_me] * P, group=group)  # (P·h_me, B, T/P, D)
+    # -> (Σ_j h_j, B, T/P, D): h_j heads from rank j
     out = y.new_zeros(B, num_heads, Tl, D)
     out.index_add_(1, torch.cat(shares).to(y.device), recv.transpose(0, 1))  # (B, H, T/P, D)
     return out
@@ -364,8 +368,9 @@ class ChunkedLogps(torch.autograd.Function):
             h, g, t = hidden[i:i + rows].to(acc), -grad[i:i + rows, None].to(acc), targets[i:i + rows]
             p = torch.addmm(-lse[i:i + rows, None], h, w.T).exp_()  # (rows, V): softmax, from the saved logsumexp
             p[torch.arange(len(t), device=p.device), t] -= 1  # softmax - onehot(t) = -d logp[t] / d logits: hence -g
-            grad_hidden[i:i + rows] = (p @ w) * g  # (rows, d); the row scale is applied to the (rows, d) sides,
-            grad_weight.addmm_(p.T, h * g)  # (V, d)      not to the (rows, V) chunk
+            # the row scale g is applied to the (rows, d) sides, not to the (rows, V) chunk
+            grad_hidden[i:i + rows] = (p @ w) * g  # (rows, d)
+            grad_weight.addmm_(p.T, h * g)  # (V, d)
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
@@ -614,9 +619,9 @@ def record_loss(cfg, policy, packed, env):
     ref = packed["ref"].to(turn_sums.dtype).to(env.device)  # (2, n)
     nll = nll_sum / int(packed["nll_mask"].sum())  # Eq. 14: L_NLL = -log πθ(S_L) / |S_L|
     mask = torch.ones(1, n, dtype=torch.bool, device=env.device)
-    # Eq. 13 (Eq. 12 when n = 1: the log Σ over one turn is its log-prob)
     loss, l_mt, rc, rr = longpo_loss(turn_sums[None, :n], turn_sums[None, n:], ref[None, 0], ref[None, 1], mask,
-                                     nll[None], cfg.beta, cfg.lam, cfg.nll_weight, cfg.turn_agg)
+                                     nll[None], cfg.beta, cfg.lam, cfg.nll_weight, cfg.turn_agg)  # Eq. 14 with
+    # L_MT of Eq. 13 (Eq. 12 when n = 1: the log Σ over one turn is its log-prob)
     return loss[0], {"loss": loss.item(), "l_mt": l_mt.item(), "nll": nll.item(), "reward_chosen": rc.item(),
                      "reward_rejected": rr.item(), "reward_margin": (rc - rr).item(), "accuracy": float(rc > rr)}
 
@@ -679,10 +684,12 @@ def parse_config(cls, argv, base=None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     valid = " ".join("--" + k for k in fields)
     helps = field_comments(cls)
+    base = base or cls()
+    # SUPPRESS: a flag not given is absent from the result, where a None would overwrite base's value below
     parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]), usage="%(prog)s [--field value ...]",
                                      allow_abbrev=False, exit_on_error=False, argument_default=argparse.SUPPRESS)
     for name in fields:
-        default = getattr(base or cls(), name)
+        default = getattr(base, name)
         kind = type(default)
         nargs = "*" if kind is list else "?" if kind is bool else None
         parser.add_argument("--" + name, dest=name, type=_flag_type(name, kind), nargs=nargs, metavar=kind.__name__,
@@ -693,7 +700,7 @@ def parse_config(cls, argv, base=None):
         if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:
             raise SystemExit(f"{arg} has an empty value")
     # a list flag takes every argument up to the next --flag, those starting with "-" too (argparse would stop there)
-    lists = {n for n in fields if type(getattr(base or cls(), n)) is list}
+    lists = {n for n in fields if type(getattr(base, n)) is list}
     given, rest, current = {}, [], None  # current: the list flag whose values are being read
     for arg in argv:
         name, eq, value = arg[2:].partition("=") if arg.startswith("--") else (None, "", "")
@@ -721,7 +728,7 @@ def parse_config(cls, argv, base=None):
         if arg.startswith("--"):
             raise SystemExit(f"unknown flag {arg.split('=')[0]}; valid flags: {valid}")
         raise SystemExit(f"expected --field, got {arg!r}; valid flags: {valid}")
-    cfg = dataclasses.replace(base or cls(), **{**vars(parsed), **given})
+    cfg = dataclasses.replace(base, **{**vars(parsed), **given})
     check_config(cfg)
     return cfg
 
@@ -1001,10 +1008,9 @@ def _dtype_of(cfg, device):
     return torch.float32, (torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else torch.float32)
 
 
-def inference_dtype(name, device, allowed=("auto", "float32", "float64", "bfloat16")):
-    """--dtype of generate.py and eval.py: auto = bfloat16 on CUDA, float32 on CPU."""
-    if name not in allowed:
-        raise SystemExit(f"--dtype must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {name!r}")
+def inference_dtype(name, device):
+    """--dtype of generate.py and eval.py (their configs' choices hold the names): auto = bfloat16 on CUDA,
+    float32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
@@ -1214,10 +1220,10 @@ def _branches(cfg):
     return ("chosen", "rejected") if cfg.loss != "sft" else (cfg.sft_target,)
 
 
-def load_example(cfg, tokenizer, entry, branches=None):
+def load_example(cfg, tokenizer, entry):
     """(record, packed sequence) of one data entry, read from its line of the file when it is needed, so that no
-    rank holds the whole data set in memory. branches: those the loss trains on unless given."""
-    return _rendered(cfg, tokenizer, entry, lambda rec: pack_record(tokenizer, rec, branches or _branches(cfg)))
+    rank holds the whole data set in memory; the branches are those the loss trains on."""
+    return _rendered(cfg, tokenizer, entry, lambda rec: pack_record(tokenizer, rec, _branches(cfg)))
 
 
 def record_tokens(cfg, tokenizer, entry):
@@ -1373,6 +1379,11 @@ def train(cfg):
         _train(cfg, env)
     finally:
         unlock_dir(lock)
+    # FSDP's device mesh holds the process group: with _train's policy and optimizer collected here, the group goes
+    # with destroy_process_group rather than with the interpreter's exit, where gloo may abort ("terminate called
+    # without an active exception")
+    gc.collect()
+    teardown_distributed()
 
 
 def _train(cfg, env):
@@ -1498,11 +1509,6 @@ def _train(cfg, env):
     if skipped_steps:
         print0(f"{len(skipped_steps)} step(s) skipped for a non-finite loss or gradient norm: {skipped_steps[:20]}"
                + (" ..." if len(skipped_steps) > 20 else ""))
-    # FSDP's device mesh holds the process group: freed here, the group goes with destroy_process_group rather
-    # than with the interpreter's exit, where gloo may abort ("terminate called without an active exception")
-    del policy, optimizer, model
-    gc.collect()
-    teardown_distributed()
 
 
 if __name__ == "__main__":
