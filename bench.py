@@ -18,15 +18,14 @@ import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from transformers.cache_utils import DynamicLayer
 
 import generate
 import longpo
-from generate import GrowingLayer
 
 
 @dataclass
@@ -151,6 +150,85 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
            "same_tokens": out_reuse == out_fresh}
     print_row(row)
     return row
+
+
+def unshared_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name):
+    """generate.build_record's recipe the plain way, the path before any cache sharing: every chunk prefilled afresh
+    for its pool and again for its chosen answer, the document once for each rejected answer, each reference
+    log-prob a full forward (longpo.response_logps). The same draws from the document's generators, so the same
+    record (to float rounding); the test suite's oracle for build_record and bench's slow side. (record, counts)."""
+    G = generate
+    device = next(model.parameters()).device
+    seed = G.doc_seed(cfg.seed, index)
+    rng, gen, counts = random.Random(seed), torch.Generator(device=device).manual_seed(seed), Counter()
+    specials = longpo.special_token_strings(tokenizer)
+    window = model.config.max_position_embeddings
+    render = lambda user: longpo.render_chat(tokenizer, [user])[0]  # noqa: E731
+    answer = dict(eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
+                  top_p=cfg.response_top_p, generator=gen)
+
+    def drop_reason(text_, finished, branch, user):
+        reason = G.reject_reason(text_, finished, cfg, branch, specials)
+        return reason or (None if G.fits_window(tokenizer, window, user, text_) else "over_window")
+
+    t0 = time.time()
+    spans = G.sample_chunks(G.chunk_spans(offsets, text, cfg.chunk_tokens, cfg.min_chunk_tokens), cfg.chunks_per_doc,
+                            rng)
+    counts["turns"] += len(spans)
+    pools = G.generate_tokens(model, [render(text[s:e] + "\n\n" + G.POOL_PROMPT.format(n=cfg.pool_size))
+                                      for s, e in spans], eos_ids, cfg.pool_max_new_tokens, cfg.pool_temperature,
+                              cfg.pool_top_p, gen)
+    asked = []
+    for span, (toks, finished) in zip(spans, pools):
+        pool = [p for p in G.parse_pool(tokenizer.decode(toks, skip_special_tokens=True), finished)
+                if not longpo.special_in(p, specials)]
+        if not pool and cfg.pool_fallback:
+            counts["fallback_instruction"] += 1
+            pool = [G.FALLBACK_INSTRUCTION]
+        if pool:
+            asked.append((span, rng.choice(pool)))
+        else:
+            counts["dropped: no instruction"] += 1
+    stages = {"pool": time.time() - t0}
+    t0 = time.time()
+    kept = []
+    shorts = [text[s:e] + "\n\n" + ins for (s, e), ins in asked]
+    for ((s, e), ins), user, (toks, finished) in zip(asked, shorts, G.generate_tokens(
+            model, [render(u) for u in shorts], **answer) if asked else []):
+        y = tokenizer.decode(toks, skip_special_tokens=True).strip()
+        reason = drop_reason(y, finished, "chosen", user)
+        if reason:
+            counts["dropped: chosen " + reason] += 1
+        else:
+            kept.append((dict(chunk=[s, e], instruction=ins, chosen=y), user))
+    stages["chosen"] = time.time() - t0
+    t0 = time.time()
+    turns = []
+    with G.rope_base(model, cfg.long_rope_theta):
+        rejected = G.generate_tokens(model, [render(text + "\n\n" + t["instruction"]) for t, _ in kept],
+                                     **answer) if kept else []
+    for (t, user), (toks, finished) in zip(kept, rejected):
+        t["rejected"] = tokenizer.decode(toks, skip_special_tokens=True).strip()
+        reason = drop_reason(t["rejected"], finished, "rejected", user)
+        reason = "rejected " + reason if reason else None
+        if reason is None and t["rejected"] == t["chosen"]:
+            reason = "identical"
+        if reason:
+            counts["dropped: " + reason] += 1
+        else:
+            turns.append((t, user))
+    stages["rejected"] = time.time() - t0
+    if not turns:
+        counts["documents without a turn left"] += 1
+        return None, counts, stages
+    t0 = time.time()
+    for t, user in turns:
+        for key in ("chosen", "rejected"):
+            t[f"ref_{key}_logp"] = longpo.response_logps(model, tokenizer, [user, t[key]])[0].item()
+    stages["reference"] = time.time() - t0
+    record = {"id": f"doc-{index:05d}", "document": text, "turns": [t for t, _ in turns],
+              "meta": {"model": model_name, "source": source, "long_tokens": len(offsets), "seed": seed}}
+    return record, counts, stages
 
 
 def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048):

@@ -46,6 +46,7 @@ Symbols: T tokens, V vocabulary, d hidden size, K option tokens, R response toke
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -53,11 +54,13 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 import longpo
-from generate import cache_kwargs, eos_token_ids, generate_tokens, new_cache, prefill, reserve
+from generate import eos_token_ids, generate_tokens, prefill_prefixes, tail_logps
 from longpo import checked, print0
 
 
@@ -82,7 +85,7 @@ class EvalConfig:
     task_file: str = ""  # JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join --tasks
     samples: int = checked(1, lambda x: x >= 1)  # samples per task and length (RULER uses 500; 1 keeps the CPU run
                                                  # to minutes)
-    batch: int = checked(4, lambda x: x >= 1)  # prompts per generate_tokens call
+    batch: int = checked(4, lambda x: x >= 1)  # samples decoded together (each reads its own prompt's cache)
     max_new_tokens: int = checked(0, lambda x: x >= 0)  # cap on generated tokens a sample; 0 = 2 x reference-answer
                                                         # tokens + 16
     seed: int = 0  # every haystack, needle and option derives from it
@@ -94,11 +97,9 @@ class EvalConfig:
     json: str = "out/eval.json"  # every number of the tables, and each sample's prompt size, depth and output
     dtype: str = checked("auto", choices=("auto", "float32", "float64", "bfloat16"))  # auto = bfloat16 on CUDA,
                                                                                       # float32 on CPU
-    prefill_chunk: int = checked(0, lambda x: x >= 0)  # prompt tokens per forward while prefilling the KV cache;
-                                                       # 0 = 8192 on CPU (an 8K prompt in one chunk takes SDPA's
-                                                       # causal fast path: 1.2x faster than four 2K chunks), 2048 on
-                                                       # CUDA (each later chunk attends through a (chunk, past)
-                                                       # mask, which a 128K prompt makes large)
+    sp: int = checked(1, lambda x: x >= 0)  # ranks one sample is spread over (its cache split by heads); dp =
+                                            # world / sp groups split each cell's samples; 0 = all ranks
+    timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
 
 
 # -----------------------------------------------------------------------------
@@ -379,28 +380,15 @@ def effective_length(scores, threshold):
 # -----------------------------------------------------------------------------
 # log-likelihoods: options over a shared prompt, response tokens under two models
 
-@torch.no_grad()
-def option_logliks(model, prompt_ids, options_ids, prefill_chunk=2048):
-    """Σ_k log π(option_k | prompt, option_<k) for each option. The prompt is prefilled into a KV cache once
-    (generate.py's prefill, in chunks); each option runs on top of it and the cache is cropped back to the prompt,
-    so a long prompt costs one forward whatever the number of options."""
-    device = next(model.parameters()).device
-    cache = new_cache(model)
-    reserve(cache, len(prompt_ids) + max(map(len, options_ids), default=0))
-    x = torch.tensor(prompt_ids, device=device)[None]  # (1, T)
-    first = prefill(model, x, cache, prefill_chunk)[0].log_softmax(-1)  # (V,): the last prompt position's prediction
-    out = []
-    for ids in options_ids:
-        y = torch.tensor(ids, device=device)[None]  # (1, K)
-        ll = first[ids[0]].double()
-        if len(ids) > 1:
-            pos = x.shape[1] + torch.arange(len(ids) - 1, device=device)[None]  # (1, K-1): after the prompt
-            h = model.model(input_ids=y[:, :-1], position_ids=pos, **cache_kwargs(model, cache),
-                            use_cache=True).last_hidden_state  # (1, K-1, d)
-            ll = ll + longpo.chunked_logps(h[0], model.lm_head.weight, y[0, 1:]).double().sum()  # tokens 1..K-1
-        out.append(ll.item())
-        cache.crop(x.shape[1] - cache.get_seq_length())  # back to the prompt (crop takes minus the tokens to drop)
-    return out
+def option_logliks(model, prompt_ids, options_ids, group=None):
+    """Σ_k log π(option_k | prompt, option_<k) for each option. The prompt (but its last token) is filled into one
+    cache row (generate.py's prefill_prefixes) that every option's row reads; each row feeds [the prompt's last
+    token; its option], so a long prompt costs one forward whatever the number of options."""
+    cache, _ = prefill_prefixes(model, [prompt_ids[:-1]], group)
+    tails = [prompt_ids[-1:] + list(o) for o in options_ids]
+    logps = tail_logps(model, cache, torch.ones(1, len(prompt_ids) - 1, dtype=torch.bool), None, tails,
+                       [[False] + [True] * len(o) for o in options_ids], group)
+    return logps.tolist()
 
 
 @torch.no_grad()
@@ -430,14 +418,14 @@ def short_context(model, tokenizer, pairs, base=None):
     return dict(pairs=len(pairs), tokens=tokens, nll=nll / tokens, kl=kl / tokens if base is not None else 0.0)
 
 
-def multiple_choice(model, tokenizer, items, prefill_chunk=2048):
+def multiple_choice(model, tokenizer, items, group=None):
     """acc and acc_norm (x100) over {question, choices, answer} items; the question is one chat turn, each choice
     is scored as the start of the assistant's reply."""
     acc = acc_norm = 0.0
     for it in items:
         prompt = longpo.render_chat(tokenizer, [it["question"]])[0]
         options = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in it["choices"]]
-        a, an = mc_scores(option_logliks(model, prompt, options, prefill_chunk), it["choices"], it["answer"])
+        a, an = mc_scores(option_logliks(model, prompt, options, group), it["choices"], it["answer"])
         acc, acc_norm = acc + a, acc_norm + an
     return dict(items=len(items), acc=100 * acc / len(items), acc_norm=100 * acc_norm / len(items))
 
@@ -606,55 +594,147 @@ def read_pairs(path, n):
 
 
 # -----------------------------------------------------------------------------
-# one model over the sweep
+# one model over the sweep: each cell's samples spread over the dp groups, each finished cell saved at once
 
-def chunk_for(cfg, device):
-    """--prefill_chunk, with 0 resolved for the device (see EvalConfig)."""
-    return cfg.prefill_chunk or (2048 if device.type == "cuda" else 8192)
+SAMPLE_KEYS = ("index", "tokens", "depth", "depths", "answers", "pred", "options", "answer_index", "logliks")
 
 
-def long_context(cfg, model, tokenizer, name, lengths, own=None):
-    """Every task at every length: {task: {length: {score, string_match_all, string_match_part, samples}}}.
-    own: the --task_file samples, read_task_file's dict."""
-    out = {task: {} for task in cfg.tasks}
+def cell_samples(cfg, task, tokenizer, length, own, indices):
+    """Samples `indices` of a (task, length) cell, sized with this model's tokenizer."""
+    if own and task in own:
+        chosen = spread(own[task][length], cfg.samples)
+        return [file_sample(chosen[i], tokenizer, length, i, cfg) for i in indices]
+    return [make_sample(task, tokenizer, length, i, cfg) for i in indices]
+
+
+def run_samples(cfg, model, tokenizer, task, samples, group=None):
+    """Each sample's prediction (and, for multiple choice, its options' log-likelihoods), `--batch` prompts decoded
+    together, greedy; a sample's cache spread over group."""
+    if task == "mc_records":
+        for s in samples:
+            opts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in s["options"]]
+            s["logliks"] = option_logliks(model, s["prompt_ids"], opts, group)
+            s["pred"] = s["options"][max(range(len(opts)), key=s["logliks"].__getitem__)]
+        return samples
     eos = eos_token_ids(model, tokenizer)
-    chunk = chunk_for(cfg, next(model.parameters()).device)
+    for b in range(0, len(samples), cfg.batch):
+        batch = samples[b:b + cfg.batch]
+        outs = generate_tokens(model, [s["prompt_ids"] for s in batch], eos, max(s["max_new_tokens"] for s in batch),
+                               temperature=0.0, group=group)
+        for s, (tokens, _) in zip(batch, outs):  # each sample held to its own budget, whatever the batch's largest
+            s["pred"] = tokenizer.decode(tokens[:s["max_new_tokens"]], skip_special_tokens=True).strip()
+    return samples
+
+
+def score_cell(task, samples):
+    """A cell's scores from its samples' predictions (all of them, in index order)."""
+    if task == "mc_records":
+        correct = [mc_scores(s["logliks"], s["options"], s["answer_index"])[0] for s in samples]
+        score = 100 * sum(correct) / len(samples)
+        res = dict(score=score, accuracy=score)
+    else:
+        preds, refs = [s["pred"] for s in samples], [s["answers"] for s in samples]
+        res = dict(score=string_match_all(preds, refs), string_match_all=string_match_all(preds, refs),
+                   string_match_part=string_match_part(preds, refs), exact_match=exact_match(preds, refs))
+    res["samples"] = [{k: s[k] for k in SAMPLE_KEYS if s.get(k) is not None} for s in samples]
+    return res
+
+
+def gather(env, mine):
+    """Every dp group's list (one rank of each group speaks for it), concatenated in group order, on every rank."""
+    if not dist.is_initialized():
+        return mine
+    parts = [None] * env.world
+    dist.all_gather_object(parts, mine)  # world x this rank's list
+    return [x for part in parts[::env.sp] for x in part]
+
+
+def long_context(cfg, model, tokenizer, name, lengths, own=None, env=None, cells=None):
+    """Every task at every length: {task: {length: {score, string_match_all, string_match_part, samples}}}. own: the
+    --task_file samples, read_task_file's dict. env: the dp groups split each cell's samples (None: one process);
+    cells: the Cells already finished (skipped) and where each new one is saved."""
+    env = env or SimpleNamespace(dp=1, dp_rank=0, sp=1, sp_group=None, world=1, master=True)
+    out = {task: {} for task in cfg.tasks}
     for length in lengths:
         for task in cfg.tasks:
+            key = cell_key(cells, name, task, length) if cells else None
+            if cells and key in cells.done:
+                out[task][length] = cells.done[key]
+                continue
             t0 = time.time()
-            if own and task in own:
-                samples = [file_sample(s, tokenizer, length, i, cfg) for i, s in
-                           enumerate(spread(own[task][length], cfg.samples))]
-            else:
-                samples = [make_sample(task, tokenizer, length, i, cfg) for i in range(cfg.samples)]
-            if task == "mc_records":
-                for s in samples:
-                    opts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in s["options"]]
-                    s["logliks"] = option_logliks(model, s["prompt_ids"], opts, chunk)
-                    s["pred"] = s["options"][max(range(len(opts)), key=s["logliks"].__getitem__)]
-                    s["correct"] = mc_scores(s["logliks"], s["options"], s["answer_index"])[0]
-                score = 100 * sum(s["correct"] for s in samples) / len(samples)
-                res = dict(score=score, accuracy=score)
-            else:
-                for b in range(0, len(samples), cfg.batch):
-                    group = samples[b:b + cfg.batch]
-                    outs = generate_tokens(model, [s["prompt_ids"] for s in group], eos,
-                                           max(s["max_new_tokens"] for s in group), temperature=0.0,
-                                           prefill_chunk=chunk)
-                    for s, (tokens, _) in zip(group, outs):  # each sample held to its own budget, whatever
-                        # the batch's largest
-                        s["pred"] = tokenizer.decode(tokens[:s["max_new_tokens"]], skip_special_tokens=True).strip()
-                preds, refs = [s["pred"] for s in samples], [s["answers"] for s in samples]
-                res = dict(score=string_match_all(preds, refs), string_match_all=string_match_all(preds, refs),
-                           string_match_part=string_match_part(preds, refs), exact_match=exact_match(preds, refs))
-            res["samples"] = [{k: s[k] for k in ("index", "tokens", "depth", "depths", "answers", "pred", "options",
-                                                 "answer_index", "logliks") if s.get(k) is not None}
-                              for s in samples]
-            out[task][length] = res
+            mine = cell_samples(cfg, task, tokenizer, length, own, range(env.dp_rank, cfg.samples, env.dp))
+            done = run_samples(cfg, model, tokenizer, task, mine, env.sp_group)
+            samples = sorted(gather(env, [{k: s[k] for k in SAMPLE_KEYS if k in s} for s in done]),
+                             key=lambda s: s["index"])
+            res = out[task][length] = score_cell(task, samples)
+            if cells:
+                save_cell(cells, key, res)
             print0(f"[{name}] {task:<16} {length:>7} tokens: score {res['score']:5.1f} | prompt+answer "
                    f"{min(s['tokens'] for s in samples)}-{max(s['tokens'] for s in samples)} tokens | "
                    f"{time.time() - t0:.1f} s")
     return out
+
+
+def read_cells(cfg, models, master):
+    """The finished cells of a sweep: one JSON line each in --json's .cells.jsonl file, appended and flushed as each
+    finishes, so that a rerun with the same flags reads them back and computes only the rest. A cell's key holds
+    what its numbers depend on: the model's directory and weight files, the task and length, the flags that shape
+    the samples, the input files' contents. Returns the namespace cell_key and save_cell take."""
+    settings = {k: getattr(cfg, k) for k in ("samples", "seed", "max_new_tokens", "batch", "short_n", "dtype")}
+    files = {f: longpo.file_fingerprint(f) for f in (cfg.task_file, cfg.mc, cfg.short_data) if f}
+    cells = SimpleNamespace(path=cfg.json + ".cells.jsonl", master=master, done={},
+                            base=json.dumps({"settings": settings, "files": files}, sort_keys=True),
+                            models={name: model_identity(path) for name, path in models})
+    if os.path.exists(cells.path):
+        with open(cells.path, encoding="utf-8") as f:
+            for line in f:
+                if line.endswith("\n"):  # a torn last line (a crash mid-write) is not a cell
+                    entry = json.loads(line)
+                    cells.done[entry["key"]] = entry["result"]
+    return cells
+
+
+def cell_key(cells, name, *what):
+    return hashlib.sha256(json.dumps([cells.base, cells.models[name], *what]).encode()).hexdigest()
+
+
+def save_cell(cells, key, result):
+    cells.done[key] = result
+    if cells.master:
+        with open(cells.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "result": result}, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def model_identity(path):
+    """A model directory's resolved path and its files' sizes and modification times: another checkpoint written
+    to the same path is another model."""
+    path = os.path.realpath(path or longpo.default_model_dir())
+    return [path] + [(f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns)
+                     for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin", "config.json"))]
+
+
+def short_scores(cfg, env, model, tokenizer, pairs, mc_items, base):
+    """Short-context NLL and KL (against base) and multiple-choice acc, each item list split over the dp groups and
+    the sums combined."""
+    short = {}
+    if pairs:
+        part = short_context(model, tokenizer, pairs[env.dp_rank::env.dp], base) if pairs[env.dp_rank::env.dp] \
+            else dict(pairs=0, tokens=0, nll=0.0, kl=0.0)
+        parts = gather(env, [part])
+        tokens = sum(p["tokens"] for p in parts)
+        short = dict(pairs=sum(p["pairs"] for p in parts), tokens=tokens,
+                     nll=sum(p["nll"] * p["tokens"] for p in parts) / tokens,
+                     kl=sum(p["kl"] * p["tokens"] for p in parts) / tokens)
+    if mc_items:
+        mine = mc_items[env.dp_rank::env.dp]
+        part = multiple_choice(model, tokenizer, mine, env.sp_group) if mine else dict(items=0, acc=0.0, acc_norm=0.0)
+        parts = gather(env, [part])
+        items = sum(p["items"] for p in parts)
+        short.update(items=items, acc=sum(p["acc"] * p["items"] for p in parts) / items,
+                     acc_norm=sum(p["acc_norm"] * p["items"] for p in parts) / items)
+    return short
 
 
 # -----------------------------------------------------------------------------
@@ -719,6 +799,7 @@ def tables(report, lengths, threshold):
 
 def main(cfg):
     t_start = time.time()
+    env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     lengths = parse_lengths(cfg.lengths)
     own = read_task_file(cfg.task_file) if cfg.task_file else {}
     cfg.tasks = resolve_tasks(cfg.tasks, own)
@@ -735,59 +816,69 @@ def main(cfg):
     pairs = read_pairs(cfg.short_data, cfg.short_n) if cfg.short_data else None
     inputs = [(flag, path) for flag, path in (("--task_file", cfg.task_file), ("--mc", cfg.mc),
                                               ("--short_data", cfg.short_data)) if path]
+    tokenizers = {name: longpo.AutoTokenizer.from_pretrained(path or longpo.default_model_dir()) for name, path in models}
     if inputs:  # tokenizers only: the models load one at a time below
-        check_rendered_text(inputs, [(name, longpo.AutoTokenizer.from_pretrained(path or longpo.default_model_dir()))
-                                     for name, path in models])
+        check_rendered_text(inputs, list(tokenizers.items()))
     if pairs is None:
         print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = longpo.inference_dtype(cfg.dtype, device)
+    dtype = longpo.inference_dtype(cfg.dtype, env.device)
+    print0(f"world {env.world} = dp {env.dp} x sp {env.sp}: dp groups split each cell's samples, each sample spread "
+           f"over its group's {env.sp} rank(s)")
     print0(json.dumps(dataclasses.asdict(cfg)))
+    if os.path.dirname(cfg.json) and env.master:
+        os.makedirs(os.path.dirname(cfg.json), exist_ok=True)
+    cells = read_cells(cfg, models, env.master)
+    if cells.done:
+        print0(f"{len(cells.done)} cell(s) already in {cells.path}: not computed again")
 
     report = dict(config=dataclasses.asdict(cfg), lengths=lengths, threshold=cfg.threshold, models={})
-    base = base_tok = None
-    for name, path in models:
+    base = None
+    for k, (name, path) in enumerate(models):
         t0 = time.time()
-        model, tokenizer = longpo.load_model(path, dtype, "sdpa")  # plain attention: no sequence parallelism here
-        model.to(device).eval()
+        tokenizer = tokenizers[name]
+        short_key = cell_key(cells, name, "short") if pairs or mc_items else None
+        todo = [cell_key(cells, name, t, L) for L in lengths for t in cfg.tasks] + ([short_key] if short_key else [])
+        kl_base = k == 0 and pairs and any(cell_key(cells, n, "short") not in cells.done for n, _ in models[1:])
+        model = None
+        if any(key not in cells.done for key in todo) or kl_base:  # else every cell of it is done: no load
+            model = longpo.load_model(path, dtype, "longpo")[0].to(env.device).eval()  # caches carry the group
         path = path or longpo.default_model_dir()
-        max_pos = model.config.max_position_embeddings
+        max_pos = longpo.AutoConfig.from_pretrained(path).max_position_embeddings
         beyond = [L for L in lengths if L > max_pos]
         if beyond:
             print0(f"warning: {name} ({path}) has max_position_embeddings {max_pos}; lengths {beyond} run beyond it")
         print0(f"[{name}] {path}")
-        long = long_context(cfg, model, tokenizer, name, lengths, own)
+        long = long_context(cfg, model, tokenizer, name, lengths, own, env, cells)
         ruler = {L: sum(long[t][L]["score"] for t in cfg.tasks) / len(cfg.tasks) for L in lengths}
         entry = dict(path=path, max_position_embeddings=max_pos, beyond_max_positions=beyond, long=long, ruler=ruler,
                      ruler_avg=sum(ruler.values()) / len(ruler),
                      effective_length=effective_length(ruler, cfg.threshold))
-        short = {}
-        if pairs:
-            same_vocab = base_tok is None or base_tok.get_vocab() == tokenizer.get_vocab()
+        if short_key and short_key in cells.done:
+            entry["short"] = cells.done[short_key]
+        elif short_key:
+            same_vocab = k == 0 or tokenizers[models[0][0]].get_vocab() == tokenizer.get_vocab()
             if not same_vocab:
                 print0(f"warning: {name} has another vocabulary than {models[0][0]}: its KL is not defined, skipped")
-            short = short_context(model, tokenizer, pairs, base if same_vocab else None)
-            if not same_vocab:
+            short = short_scores(cfg, env, model, tokenizer, pairs, mc_items, base if same_vocab else None)
+            if pairs and not same_vocab:
                 del short["kl"]
-        if mc_items:
-            short.update(multiple_choice(model, tokenizer, mc_items, chunk_for(cfg, device)))
-        if short:
+            save_cell(cells, short_key, short)
             entry["short"] = short
-            print0(f"[{name}] short context: " + ", ".join(f"{k} {v:.4g}" for k, v in short.items()))
+        if "short" in entry:
+            print0(f"[{name}] short context: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["short"].items()))
         report["models"][name] = entry
         print0(f"[{name}] done in {time.time() - t0:.1f} s")
-        if base is None and pairs:  # the first model stays loaded only for the KL of every later one against it
-            base, base_tok = model, tokenizer
-        else:
-            del model
+        if kl_base:  # the first model stays loaded only for the KL of later ones against it
+            base = model
+        del model
 
     report["wall_s"] = time.time() - t_start
-    print0("\n" + tables(report, lengths, cfg.threshold))
-    print0(f"wall time {report['wall_s']:.0f} s")
-    if os.path.dirname(cfg.json):
-        os.makedirs(os.path.dirname(cfg.json), exist_ok=True)
-    longpo.write_atomic(cfg.json, json.dumps(report, indent=1))
-    print0(f"wrote {cfg.json}")
+    if env.master:
+        print0("\n" + tables(report, lengths, cfg.threshold))
+        print0(f"wall time {report['wall_s']:.0f} s")
+        longpo.write_atomic(cfg.json, json.dumps(report, indent=1, allow_nan=False))
+        print0(f"wrote {cfg.json} (its cells: {cells.path})")
+    longpo.teardown_distributed()
     return report
 
 

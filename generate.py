@@ -37,11 +37,11 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+import torch.nn.functional as F
 
 import longpo
 from longpo import checked
@@ -61,8 +61,10 @@ class GenConfig:
     # lengths (paper §4.1, for the 128K target)
     max_len: int = checked(131072, lambda x: x >= 2)  # keep documents whose token length lies in (max_len/2, max_len]
     chunk_tokens: int = checked(0, lambda x: x >= 0)  # |C_S^i|: documents are cut into consecutive chunks of up to
-                                                      # this many tokens (paper: 32K); 0 = the longest that keeps πS
-                                                      # inside its window (max_chunk_tokens); a larger one is refused
+                                                      # this many tokens; 0 = the smaller of --chunk_cap and the
+                                                      # longest that keeps πS inside its window (max_chunk_tokens)
+    chunk_cap: int = checked(32768, lambda x: x >= 1)  # the longest chunk --chunk_tokens 0 gives, whatever πS's
+                                                       # window (§4.1: "chunks of up to 32K tokens", every round)
     min_chunk_tokens: int = checked(128, lambda x: x >= 1)  # a shorter trailing chunk is never sampled
     chunks_per_doc: int = checked(4, lambda x: x >= 1)  # n: at most this many chunks sampled per document (turns)
     # instruction pool (Appendix B.1)
@@ -87,10 +89,12 @@ class GenConfig:
     rep_ratio_rejected: float = checked(0.95, lambda x: 0 <= x <= 1)  # the same for rejected ones (released 0.95)
     min_words: int = checked(0, lambda x: x >= 0)  # drop an answer with fewer words of 3+ characters (released: 2);
                                                    # 0 = off
-    # sampler
-    prefill_chunk: int = checked(2048, lambda x: x >= 1)  # tokens per prefill forward: bounds activation memory
-    long_group: int = checked(1, lambda x: x >= 1)  # rejected answers decoded together, each over its own copy of
-                                                    # the document's KV cache
+    # devices
+    sp: int = checked(1, lambda x: x >= 0)  # ranks one document is spread over (its caches split by heads: prefills
+                                            # sequence-parallel, decoding head-parallel); dp = world / sp groups
+                                            # split the documents; 0 = all ranks
+    timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
+                                                         # (NCCL's default is 10): the last one waits for the merge
     dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # auto = bfloat16 on CUDA, float32 on CPU
     seed: int = 0  # per-document seeds derive from (seed, document index): sharding and resuming change nothing
 
@@ -98,14 +102,20 @@ class GenConfig:
 # `python generate.py` with the embedded corpus: lengths scaled to SmolLM2's 8K window and a 2-core CPU. Flags given
 # on the command line win over these.
 EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=4, pool_max_new_tokens=64,
-                max_new_tokens=160, long_group=2)
+                max_new_tokens=160)
 # fields that do not change any document's record: a resumed run may differ in them
-RESUME_FREE = ("out", "max_docs", "corpus", "stop_after")  # the corpus is compared by its contents; stop_after:
-                                                            # a field of earlier versions
+RESUME_FREE = ("out", "max_docs", "corpus", "timeout_min",  # the corpus is compared by its contents
+               "stop_after", "prefill_chunk", "long_group")  # fields of earlier versions
 
 
 # -----------------------------------------------------------------------------
-# sampler: prefill, decode_one_token, sample (gpt-fast's two verbs, llama's sample_top_p)
+# sampler: prefill, decode_one_token, sample (gpt-fast's two verbs, llama's sample_top_p) over longpo's KV cache
+#
+# A prompt is fed in two parts. Its long part (a chunk, the document) fills a cache row of its own in one forward:
+# no padding, so no mask, and sequence-parallel over the cache's group, which leaves each rank its share of the heads
+# over every position. What follows (a prompt's tail, the answer) goes into a small cache of its own rows, read after
+# that prefix: every rank feeds the same tokens and attends with its own heads, one gather a layer. Rows that share a
+# prefix (the answers over one document) read one copy of it.
 
 STATS = Counter()  # prefill / decode tokens and seconds, and seconds per build_record stage: the progress lines
 STAGES = ("pool", "chosen", "rejected", "reference")  # build_record's stages; the pool's holds the chunks' prefill
@@ -134,55 +144,69 @@ def fp32_head(model):
         model._head_fp32 = None
 
 
-def cache_kwargs(model, cache):
-    """The KV-cache argument of the decoder's forward: `cache` from transformers 5.24 on (where the old name only
-    warns), `past_key_values` before (where `cache` would be silently ignored)."""
-    params = inspect.signature(model.model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+def new_cache(model, rows, tokens, group=None):
+    """longpo.kv_cache for this model's shapes, device and dtype; group: the ranks one sequence is spread over."""
+    p = next(model.parameters())
+    return longpo.kv_cache(model.config, rows, tokens, p.device, p.dtype, group)
 
 
-def _forward_chunks(model, input_ids, cache, chunk, attention_mask=None, position_ids=None):
-    """Feed input_ids (B, T) after the cache's past tokens, chunk tokens per forward, yielding each forward's hidden
-    states (B, e - s, d). attention_mask (B, past + T) marks real tokens (None: no padding); position_ids (B, T)
-    default to past + arange(T)."""
-    B, T = input_ids.shape
-    past = cache.get_seq_length()
-    if position_ids is None:
-        position_ids = (past + torch.arange(T, device=input_ids.device)).expand(B, T)
-    for s in range(0, T, chunk):
-        e = min(s + chunk, T)
-        mask = attention_mask[:, :past + e] if attention_mask is not None else None  # (B, past + e): keys so far
-        yield model.model(input_ids=input_ids[:, s:e], position_ids=position_ids[:, s:e], attention_mask=mask,
-                          **cache_kwargs(model, cache), use_cache=True).last_hidden_state  # (B, e - s, d)
+def _room(cache, tokens):
+    """Grow the cache to hold `tokens` positions when it holds fewer (its filled part copied over)."""
+    have = cache.k[0].shape[2]
+    if tokens <= have:
+        return
+    for kv in (cache.k, cache.v):
+        for i, x in enumerate(kv):
+            kv[i] = torch.cat([x, x.new_zeros(*x.shape[:2], tokens - have, x.shape[3])], 2)  # (B, h, tokens, D)
+    if cache.valid is not None:
+        cache.valid = torch.cat([cache.valid, cache.valid.new_zeros(cache.valid.shape[0], tokens - have)], 1)
+
+
+def _feed(model, cache, ids, positions, seq_sharded):
+    """ids, positions (B, t) after the cache's n positions, through the decoder: the cache gets their keys and
+    values and n advances by t. seq_sharded: each rank of the cache's group feeds a slice of the t positions
+    (right-padded to a multiple of P; the pads come last, so no real position reads them) and gets the hidden states
+    of its slice; else every rank feeds all t and gets all (B, t, d)."""
+    if model.config._attn_implementation != "longpo":
+        raise ValueError("the sampler's cache is written by longpo's attention: load the model with "
+                         "longpo.load_model(..., attn=\"longpo\")")
+    P = cache.group.size() if cache.group is not None and seq_sharded else 1
+    pad = -ids.shape[1] % P
+    _room(cache, cache.n + ids.shape[1] + pad)
+    if P > 1:
+        ids = F.pad(ids, (0, pad))  # (B, t + pad)
+        positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(pad, device=ids.device)], 1)
+        local = ids.shape[1] // P
+        r = cache.group.rank()
+        ids, positions = ids[:, r * local:(r + 1) * local], positions[:, r * local:(r + 1) * local]  # (B, t/P)
+    hidden = model.model(input_ids=ids, position_ids=positions, kv_cache=cache, seq_sharded=P > 1,
+                         use_cache=False).last_hidden_state  # (B, t or t/P, d)
+    cache.n += ids.shape[1] * P - pad
+    return hidden
 
 
 @torch.inference_mode()
-def prefill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
-    """Feed input_ids (B, T) after the cache's past tokens (as _forward_chunks) and return the logits of the last
-    position only (B, V): no (T, V) logits are built."""
-    for hidden in _forward_chunks(model, input_ids, cache, chunk, attention_mask, position_ids):
-        pass
-    return _logits(model, hidden[:, -1])  # (B, V)
-
-
-@torch.inference_mode()
-def fill(model, input_ids, cache, chunk=2048, attention_mask=None, position_ids=None):
-    """prefill without the logits: feed input_ids (B, T) into the cache, timed into STATS (prefill tokens counted
-    from the mask's ones, pads excluded). For a cache that later prompts continue."""
+def fill(model, cache, ids):
+    """A long prefill: ids (B, T) at positions 0 .. T-1 into an empty cache, sequence-parallel over its group, no
+    logits; timed into STATS."""
     t0 = time.time()
-    for _ in _forward_chunks(model, input_ids, cache, chunk, attention_mask, position_ids):
-        pass
-    _sync(input_ids.device)
-    STATS["prefill_tokens"] += input_ids.numel() if attention_mask is None else int(attention_mask.sum())
+    _feed(model, cache, ids, torch.arange(ids.shape[1], device=ids.device).expand(ids.shape), seq_sharded=True)
+    _sync(ids.device)
+    STATS["prefill_tokens"] += ids.numel()
     STATS["prefill_s"] += time.time() - t0
 
 
 @torch.inference_mode()
-def decode_one_token(model, token, cache, position_ids, attention_mask=None):
-    """One step: token (B,) at position_ids (B,) -> logits (B, V). attention_mask (B, past + 1) or None."""
-    hidden = model.model(input_ids=token[:, None], position_ids=position_ids[:, None], attention_mask=attention_mask,
-                         **cache_kwargs(model, cache), use_cache=True).last_hidden_state  # (B, 1, d)
-    return _logits(model, hidden[:, -1])  # (B, V)
+def prefill(model, cache, ids, positions):
+    """Feed ids (B, t) at positions (B, t) after the cache's n positions (every rank all of them) and return the
+    logits of the last column only (B, V): no (t, V) logits are built."""
+    return _logits(model, _feed(model, cache, ids, positions, seq_sharded=False)[:, -1])
+
+
+@torch.inference_mode()
+def decode_one_token(model, cache, token, positions):
+    """One step: token (B,) at positions (B,) -> logits (B, V)."""
+    return prefill(model, cache, token[:, None], positions[:, None])
 
 
 def nucleus(logits, temperature, top_p):
@@ -207,212 +231,26 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# batched generation: left (or middle) padding, per-row stop, a shared document prefix computed once
+# prefixes: one cache row each, filled alone, read by the prompts that begin with them
 
 
-def _pad_batch(prompts, past_mask):
-    """Token ids (B, L), attention mask (B, past + L) and position ids (B, L) for prompts that continue a cache
-    whose entries row b may read are past_mask[b] (B, past). Prompts of unequal length are padded on the left of
-    the prompt, i.e. between the cache and the prompt: the mask hides the pads (and any cache entry the row may not
-    read), and position ids count only the row's real tokens, so each row sees exactly [its cached tokens; its
-    prompt]."""
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.cat([past_mask, torch.zeros(B, L, dtype=torch.long)], 1)  # (B, past + L)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        n = len(p)
-        ids[b, L - n:] = torch.tensor(p, dtype=torch.long)
-        mask[b, mask.shape[1] - n:] = 1
-        pos[b, L - n:] = int(past_mask[b].sum()) + torch.arange(n)  # the true positions: pads take none
-    return ids, mask, pos
-
-
-@torch.inference_mode()
-def _generate(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
-              prefill_chunk):
-    with fp32_head(model):
-        return _generate_rows(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p,
-                              generator, prefill_chunk)
-
-
-def _generate_rows(model, cache, prompts, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
-                   prefill_chunk):
-    """Continue every row of `cache` with its own prompt, then decode. past_mask (B, past): the cache entries each
-    row reads (its real past tokens, which sit at positions 0, 1, ...); _pad_batch lays out the prompts."""
+def prefill_prefixes(model, prefixes, group=None):
+    """One cache row per prefix (lists of token ids), each filled alone at positions 0, 1, ... (fill: no padding,
+    no mask), so rows differ in length: cache.valid (rows, longest) marks each row's tokens. Returns (cache,
+    cached): cached[b], the tokens row b holds."""
     device = next(model.parameters()).device
-    B = len(prompts)
-    ids, mask, pos = (x.to(device) for x in _pad_batch(prompts, past_mask))
-    padded = not bool(mask.all())  # without pads, no mask: SDPA takes its causal fast path
-    reserve(cache, cache.get_seq_length() + ids.shape[1] + max_new_tokens)  # the cache's room for all that follows
-    t0 = time.time()
-    logits = prefill(model, ids, cache, prefill_chunk, mask if padded else None, pos)  # (B, V)
-    _sync(device)
-    STATS["prefill_tokens"] += sum(len(p) for p in prompts)
-    STATS["prefill_s"] += time.time() - t0
-    out, finished = [[] for _ in range(B)], [False] * B
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-    next_pos = pos[:, -1] + 1  # (B,)
-    active = list(range(B))  # the rows still decoding, in the order the cache holds them
-    t0 = time.time()
-    for step in range(max_new_tokens):
-        token = sample(logits, temperature, top_p, generator)  # (A,) for the A active rows
-        is_eos = torch.isin(token, eos).tolist()
-        for j, t in enumerate(token.tolist()):
-            if is_eos[j]:
-                finished[active[j]] = True  # EOS ends the row and is not part of its tokens
-            else:
-                out[active[j]].append(t)
-        keep = [j for j, b in enumerate(active) if not finished[b]]
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(active):  # finished rows leave the batch: each would still read its whole cache
-            idx = torch.tensor(keep, device=device)
-            cache.batch_select_indices(idx)  # (A, H, T, D) -> (A', H, T, D)
-            token, next_pos, mask = token[idx], next_pos[idx], mask[idx]
-            active = [active[j] for j in keep]
-            padded = padded and not bool(mask.all())
-        if padded:
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)  # (A, past + L + step + 1)
-        logits = decode_one_token(model, token, cache, next_pos, mask if padded else None)
-        next_pos = next_pos + 1
-    STATS["decode_tokens"] += sum(len(o) for o in out)
-    STATS["decode_s"] += time.time() - t0
-    return [(o, f) for o, f in zip(out, finished)]
-
-
-class GrowingLayer(DynamicLayer):
-    """One layer's KV cache, written in place: keys and values live in buffers (B, H, capacity, D) with room to
-    spare, and self.keys / self.values are views of their first n positions. transformers' DynamicLayer
-    concatenates instead, copying the whole cache for every decoded token: O(T) a token, about half of a decode
-    step at a 4K cache on a CPU, and for a 7B model at 128K some 16 GB of copying a token. Capacity grows by half
-    when full; reserve() sizes it ahead, so that a prefill and its decode allocate once."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.n = self.capacity = self.hint = 0  # hint: the room reserve() asked for before the first update
-        self.k_buf = self.v_buf = None
-
-    def _views(self):
-        self.keys, self.values = self.k_buf[:, :, :self.n], self.v_buf[:, :, :self.n]  # (B, H, n, D): no copy
-
-    def _grow(self, like_k, like_v, tokens):
-        """Buffers with room for `tokens` positions, shaped and typed as like_k / like_v, holding the n cached ones."""
-        B, H = like_k.shape[:2]
-        with torch.inference_mode(False):  # a normal tensor: written in place under no_grad too (eval.py's forwards)
-            k = like_k.new_empty(B, H, tokens, like_k.shape[-1])  # (B, H, tokens, D)
-            v = like_v.new_empty(B, H, tokens, like_v.shape[-1])
-        if self.n:
-            k[:, :, :self.n] = self.k_buf[:, :, :self.n]  # (B, H, n, D) into the first n of the new room
-            v[:, :, :self.n] = self.v_buf[:, :, :self.n]
-        self.k_buf, self.v_buf, self.capacity = k, v, tokens
-        self._views()  # the old buffers are freed here, one layer at a time, not at the layer's next update
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        t = key_states.shape[-2]
-        if self.n + t > self.capacity:
-            self._grow(key_states, value_states, max(self.n + t, self.capacity * 3 // 2, self.hint))
-        self.k_buf[:, :, self.n:self.n + t] = key_states  # (B, H, t, D) into positions n .. n + t - 1
-        self.v_buf[:, :, self.n:self.n + t] = value_states
-        self.n += t
-        self._views()
-        return self.keys, self.values
-
-    def get_seq_length(self):
-        # a cache left with no rows (keep_rows of none) holds nothing, as DynamicLayer's empty keys say
-        return self.n if self.is_initialized and self.k_buf is not None and self.k_buf.shape[0] else 0
-
-    def reset(self):  # the inherited reset and reorder_cache would touch the views and leave the buffers
-        self.k_buf = self.v_buf = None
-        self.n = self.capacity = 0
-        super().reset()
-
-    def crop(self, tokens_to_remove):
-        """Drop the last -tokens_to_remove positions (negative, as DynamicLayer.crop takes it); the room stays."""
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes minus the tokens to drop, not {tokens_to_remove}")
-        if self.is_initialized and tokens_to_remove:
-            self.n = max(self.n + tokens_to_remove, 0)
-            self._views()
-
-    def _rows(self, pick):  # the same function of the batch dimension applied to both buffers (normal tensors)
-        if self.get_seq_length() > 0:
-            with torch.inference_mode(False):
-                self.k_buf, self.v_buf = pick(self.k_buf), pick(self.v_buf)
-            self._views()
-
-    def batch_repeat_interleave(self, repeats):
-        self._rows(lambda x: x.repeat_interleave(repeats, dim=0))  # (B, H, cap, D) -> (B * repeats, H, cap, D)
-
-    def batch_select_indices(self, indices):
-        self._rows(lambda x: x[indices.to(x.device)])  # (B, H, cap, D) -> (len(indices), H, cap, D)
-
-    def reorder_cache(self, beam_idx):
-        self.batch_select_indices(beam_idx)
-
-    def offload(self):  # the inherited one would move the views and leave the buffers where they are
-        raise NotImplementedError("GrowingLayer does not offload: build the cache with offloading=False")
-
-
-CACHE_LAYER = GrowingLayer  # the layer new_cache builds; cache_layer(DynamicLayer) times the path before
-
-
-@contextlib.contextmanager
-def cache_layer(layer_class):
-    """new_cache builds layer_class layers inside the block (bench.py and a test compare against transformers')."""
-    global CACHE_LAYER
-    CACHE_LAYER = layer_class
-    try:
-        yield
-    finally:
-        CACHE_LAYER = GrowingLayer
-
-
-def new_cache(model):
-    """A transformers cache whose full-attention layers are GrowingLayers (sliding-window ones stay as they are)."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [CACHE_LAYER() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
-
-
-def reserve(cache, tokens):
-    """Room for `tokens` positions in every GrowingLayer of `cache`, so that what follows allocates once: called
-    with the cached length plus the prompt and the answer budget."""
-    for layer in cache.layers:
-        if isinstance(layer, GrowingLayer):
-            layer.hint = max(layer.hint, tokens)
-            if layer.k_buf is not None and layer.capacity < tokens:
-                layer._grow(layer.k_buf, layer.v_buf, tokens)
-
-
-def generate_tokens(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-                    prefill_chunk=2048, cache=None, cached=None):
-    """prompts: lists of token ids (unequal lengths, batched with left padding). Returns per prompt (tokens,
-    finished): tokens without the EOS; finished is False when the row stopped at max_new_tokens. cache, cached:
-    from prefill_prefixes, one row per prompt; each prompt then continues the row's cached tokens as far as they
-    begin it, and the cache is left as it was (decoding runs over a copy: finished rows leave the batch)."""
-    if cache is None:
-        return _generate(model, new_cache(model), prompts, torch.zeros(len(prompts), 0, dtype=torch.long), eos_ids,
-                         max_new_tokens, temperature, top_p, generator, prefill_chunk)
-    past_mask, rest = read_prefixes(cached, prompts)
-    twin = copy_cache(model, cache, past_mask.shape[1] + max(len(r) for r in rest) + max_new_tokens)
-    return _generate(model, twin, rest, past_mask, eos_ids, max_new_tokens, temperature, top_p, generator,
-                     prefill_chunk)
-
-
-def copy_cache(model, cache, tokens):
-    """A copy of `cache` with room for `tokens` positions, allocated once a layer (a deepcopy grown afterwards
-    would hold the cache three times at once); a deepcopy where a layer is not a GrowingLayer."""
-    if not all(isinstance(layer, GrowingLayer) for layer in cache.layers):
-        return copy.deepcopy(cache)
-    twin = new_cache(model)
-    reserve(twin, tokens)
-    for dst, src in zip(twin.layers, cache.layers):
-        if src.get_seq_length():
-            dst.update(src.keys, src.values)  # (B, H, n, D) into the reserved room
-    return twin
+    longest = max(len(p) for p in prefixes)
+    P = group.size() if group is not None else 1
+    cache = new_cache(model, len(prefixes), longest + P, group)  # P: room for fill's padding to a multiple of P
+    for r, p in enumerate(prefixes):
+        if p:
+            row = SimpleNamespace(**{**vars(cache), "k": [x[r:r + 1] for x in cache.k],
+                                     "v": [x[r:r + 1] for x in cache.v], "n": 0})  # row r's buffers, as views
+            fill(model, row, torch.tensor([p], device=device))  # (1, len(p))
+    cache.n = longest
+    cache.valid = torch.arange(longest + P, device=device)[None] < torch.tensor([len(p) for p in prefixes],
+                                                                                device=device)[:, None]
+    return cache, [list(p) for p in prefixes]
 
 
 def common_prefix_len(prompts):
@@ -422,53 +260,6 @@ def common_prefix_len(prompts):
         if any(p[j] != t for p in prompts):
             return j
     return n
-
-
-def generate_with_prefix_cache(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-                               prefill_chunk=2048, group=1, start=None):
-    """generate_tokens for prompts that share a long prefix ([template; document; instruction i]): the longest
-    common token prefix is prefilled once; each group of `group` prompts gets a copy of that cache per row,
-    continues it, and the cache is cropped back to the prefix for the next group. group=1 holds a single copy
-    of the document's cache (the memory-lean choice at 128K); larger groups decode faster. start: (cache, cached)
-    of prefill_prefixes, whose row sharing the most tokens with the prefix seeds it (the document's first chunk
-    [template; C_S^0] begins [template; C_L]), so that only the rest of the prefix is prefilled."""
-    # at least one token of each prompt stays outside the prefix: its logits start the decoding
-    p = min(common_prefix_len(prompts), min(len(q) for q in prompts) - 1)
-    device = next(model.parameters()).device
-    cache = new_cache(model)
-    reserve(cache, max(len(q) for q in prompts) + max_new_tokens)  # the prefix and, per group, a prompt and answer
-    seeded = seed_prefix(cache, *start, prompts[0][:p]) if start is not None else 0
-    if p > seeded:
-        fill(model, torch.tensor([prompts[0][seeded:p]], device=device), cache, prefill_chunk)  # (1, p - seeded)
-    results = []
-    for s in range(0, len(prompts), max(group, 1)):
-        rows = prompts[s:s + max(group, 1)]
-        if len(rows) > 1:
-            cache.batch_repeat_interleave(len(rows))  # (1, H, p, D) -> (B, H, p, D): each row its own copy
-        results += _generate(model, cache, [q[p:] for q in rows], torch.ones(len(rows), p, dtype=torch.long), eos_ids,
-                             max_new_tokens, temperature, top_p, generator, prefill_chunk)
-        cache.crop(p - cache.get_seq_length())  # back to the shared prefix (crop takes minus the tokens to drop)
-        if len(rows) > 1:
-            cache.batch_select_indices(torch.tensor([0], device=device))  # (B, H, p, D) -> (1, H, p, D)
-    return results
-
-
-# -----------------------------------------------------------------------------
-# chunk prefixes: each chunk C_S^i prefilled once per turn, served to its pool, its chosen answer and both of its
-# reference log-probs
-
-
-def prefill_prefixes(model, prefixes, prefill_chunk=2048):
-    """One cache row per prefix (B rows, left padded: row b's tokens at the right end of the cache), prefilled
-    once. Returns (cache, cached): cached[b], the tokens row b holds. generate_tokens decodes over a copy of it;
-    cached_response_logps feeds it and crops it back."""
-    device = next(model.parameters()).device
-    cache = new_cache(model)
-    reserve(cache, max(len(p) for p in prefixes))
-    if max(len(p) for p in prefixes) > 0:
-        ids, mask, pos = (x.to(device) for x in _pad_batch(prefixes, torch.zeros(len(prefixes), 0, dtype=torch.long)))
-        fill(model, ids, cache, prefill_chunk, None if bool(mask.all()) else mask, pos)
-    return cache, [list(p) for p in prefixes]
 
 
 def chunk_prefix(tokenizer, prompt, chunk):
@@ -481,68 +272,173 @@ def read_prefixes(cached, prompts):
     """Which entries of a prefill_prefixes cache each prompt reads: row b's cached tokens as far as they begin
     prompts[b], keeping at least its last token to feed (its logits start what follows). A tokenizer may merge a
     chunk's last characters with the text after it, so the cached tokens are checked, not assumed: any that the
-    prompt does not share are masked, and the prompt is fed from there. Returns (past_mask (B, past), the prompt
-    tokens still to feed)."""
+    prompt does not share are not read, and the prompt is fed from there. Returns (valid (B, past): the entries
+    each row reads, the prompt tokens still to feed)."""
     past = max(len(c) for c in cached)
-    past_mask = torch.zeros(len(prompts), past, dtype=torch.long)
+    valid = torch.zeros(len(prompts), past, dtype=torch.bool)
     rest = []
     for b, (c, p) in enumerate(zip(cached, prompts)):
         q = min(common_prefix_len([c, p]), len(p) - 1)
-        past_mask[b, past - len(c):past - len(c) + q] = 1  # the row's first q tokens: positions 0 .. q - 1
+        valid[b, :q] = True  # the row's first q tokens, at positions 0 .. q - 1
         rest.append(p[q:])
-    return past_mask, rest
+    return valid, rest
 
 
-def seed_prefix(cache, chunks, cached, prefix):
-    """Copy into the empty `cache` the cached entries of the prefill_prefixes row (chunks, cached) that shares the
-    most leading tokens with `prefix` (token ids), as far as it shares them: the same keys and values a prefill of
-    those tokens at positions 0, 1, ... computes (to float rounding: they came from a batch). Returns how many tokens
-    were copied; 0 where a layer is not a GrowingLayer (a sliding window keeps only its last tokens)."""
-    if not cached or not all(isinstance(layer, GrowingLayer) for layer in (*cache.layers, *chunks.layers)):
-        return 0
-    shared = [common_prefix_len([c, prefix]) for c in cached]
-    row = max(range(len(cached)), key=shared.__getitem__)
-    q, a = shared[row], chunks.get_seq_length() - len(cached[row])  # a: where the row's tokens begin (left padded)
-    if q:
-        for dst, src in zip(cache.layers, chunks.layers):
-            dst.update(src.keys[row:row + 1, :, a:a + q], src.values[row:row + 1, :, a:a + q])  # (1, H, q, D)
-    STATS["seeded_tokens"] += q
-    return q
-
-
-def keep_rows(cache, cached, rows, device):
-    """Keep only rows `rows` of a prefill_prefixes cache, in that order: the others' memory is freed."""
-    cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=device))  # (B, H, T, D) -> (B', H, T, D)
+def keep_rows(cache, cached, rows):
+    """Keep only rows `rows` of a prefill_prefixes cache, in that order; the others' memory is freed, a layer at a
+    time."""
+    idx = torch.tensor(rows, dtype=torch.long, device=cache.k[0].device)
+    for kv in (cache.k, cache.v):
+        for i, x in enumerate(kv):
+            kv[i] = x.index_select(0, idx)  # (B, h, T, D) -> (B', h, T, D)
+    cache.valid = cache.valid.index_select(0, idx)
     return [cached[r] for r in rows]
 
 
+def move_cache(cache, device):
+    """The cache's tensors to `device` (host memory while a larger cache needs the GPU), a layer at a time."""
+    for kv in (cache.k, cache.v):
+        for i, x in enumerate(kv):
+            kv[i] = x.to(device)
+    cache.valid = cache.valid.to(device) if cache.valid is not None else None
+
+
+# -----------------------------------------------------------------------------
+# batched generation over prefixes: tails left padded, per-row stop
+
+
+def _pad(tails, starts, left=True):
+    """Token ids (B, L), valid (B, L) and position ids (B, L) for tails of unequal length, padded on the left (to
+    decode from the last column) or on the right; row b's tokens sit at positions starts[b], starts[b] + 1, ..."""
+    B, L = len(tails), max(len(t) for t in tails)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    valid = torch.zeros(B, L, dtype=torch.bool)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    for b, (t, s) in enumerate(zip(tails, starts)):
+        cols = slice(L - len(t), L) if left else slice(0, len(t))
+        ids[b, cols], valid[b, cols] = torch.tensor(t, dtype=torch.long), True
+        pos[b, cols] = s + torch.arange(len(t))  # the true positions: pads take none
+    return ids, valid, pos
+
+
+def _over(prefix, valid, rows, model, B, tokens, group):
+    """A cache of B rows with room for `tokens` positions, read after `prefix` (or nothing): rows[b] is the prefix
+    row of cache row b, which reads its entries valid[b] (valid: (B, past)); rows None: one prefix row shared by
+    all, valid (1, past)."""
+    cache = new_cache(model, B, tokens, group)
+    if prefix is not None:  # valid None: every entry is read (no mask to apply)
+        cache.prefix = SimpleNamespace(k=prefix.k, v=prefix.v, n=valid.shape[1], rows=rows,
+                                       valid=None if valid.all() else valid.to(prefix.k[0].device))
+    return cache
+
+
 @torch.inference_mode()
-def cached_response_logps(model, cache, cached, seqs, prefill_chunk=2048, budget=longpo.Config.logp_budget):
-    """longpo.response_logps of one-turn chats, batched over a prefill_prefixes cache: seqs[b] = (ids, turns) of
-    render_chat's [user, response] for row b. Only what the row's cached tokens leave of its sequence is fed,
-    padded between the cache and the rest (_pad_batch), and the LM head runs on the response's positions only
-    (render_chat's turn 1, through the end-of-turn marker), in chunks of budget logits. Returns (B,) float64, the
-    sum over each response's tokens; the cache is cropped back to the prefixes."""
+def _generate_rows(model, prefix, valid, rows, tails, eos_ids, max_new_tokens, temperature, top_p, generator, group):
+    """Continue the prefix rows with their tails, then decode. prefix: a cache (or None), valid (prefix rows, past)
+    the entries read, rows: the prefix row of each tail (None: one row shared by all). Finished rows leave the
+    batch; the prefix is only read."""
     device = next(model.parameters()).device
-    past_mask, rest = read_prefixes(cached, [ids[:turns.index(1)] for ids, turns in seqs])  # rest: prompt tails
-    rest = [tail + ids[turns.index(1):] for tail, (ids, turns) in zip(rest, seqs)]  # (prompt tail; response; ...)
-    ids, mask, pos = (x.to(device) for x in _pad_batch(rest, past_mask))
-    L = ids.shape[1]
-    reserve(cache, cache.get_seq_length() + L)
-    rows, cols, targets = [], [], []
-    for b, (seq, turns) in enumerate(seqs):
-        for t, turn in enumerate(turns):
-            if turn == 1:  # token t sits at column L - len(seq) + t; the column before it predicts it
-                rows.append(b)
-                cols.append(L - len(seq) + t - 1)
-                targets.append(seq[t])
-    hidden = torch.cat(list(_forward_chunks(model, ids, cache, prefill_chunk, None if bool(mask.all()) else mask,
-                                            pos)), 1)  # (B, L, d): d wide, never V wide
-    cache.crop(-L)  # back to the prefixes
-    rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    logps = longpo.chunked_logps(hidden[rows, cols], model.lm_head.weight, torch.tensor(targets, device=device),
-                                 budget).double()  # (M,) for the M response tokens of all rows, budget // V a chunk
-    return torch.zeros(len(seqs), dtype=torch.float64, device=device).index_add(0, rows, logps)  # (B,): Σ per row
+    B = len(tails)
+    starts = valid.sum(1).tolist() * (B if rows is None else 1)  # each row's position after its prefix
+    ids, tail_valid, pos = (x.to(device) for x in _pad(tails, starts))
+    cache = _over(prefix, valid, rows, model, B, ids.shape[1] + max_new_tokens, group)
+    cache.valid = torch.zeros(B, ids.shape[1] + max_new_tokens, dtype=torch.bool, device=device)
+    cache.valid[:, :ids.shape[1]] = tail_valid
+    t0 = time.time()
+    with fp32_head(model):
+        logits = prefill(model, cache, ids, pos)  # (B, V)
+        _sync(device)
+        STATS["prefill_tokens"] += sum(len(t) for t in tails)
+        STATS["prefill_s"] += time.time() - t0
+        out, finished = [[] for _ in range(B)], [False] * B
+        eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        next_pos = pos[:, -1] + 1  # (B,)
+        active = list(range(B))  # the rows still decoding, in the order the cache holds them
+        t0 = time.time()
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_p, generator)  # (A,) for the A active rows
+            is_eos = torch.isin(token, eos).tolist()
+            for j, t in enumerate(token.tolist()):
+                if is_eos[j]:
+                    finished[active[j]] = True  # EOS ends the row and is not part of its tokens
+                else:
+                    out[active[j]].append(t)
+            keep = [j for j, b in enumerate(active) if not finished[b]]
+            if not keep or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch (their own rows; the prefix is only read)
+                idx = torch.tensor(keep, device=device)
+                for kv in (cache.k, cache.v):
+                    for i, x in enumerate(kv):
+                        kv[i] = x.index_select(0, idx)  # (A, h, T, D) -> (A', h, T, D)
+                cache.valid = cache.valid.index_select(0, idx)
+                pre = cache.prefix
+                if pre is not None and pre.rows is not None:  # per-row prefixes: which to read
+                    pre.rows = [pre.rows[j] for j in keep]
+                    pre.valid = pre.valid.index_select(0, idx) if pre.valid is not None else None
+                token, next_pos = token[idx], next_pos[idx]
+                active = [active[j] for j in keep]
+            cache.valid[:, cache.n] = True
+            logits = decode_one_token(model, cache, token, next_pos)
+            next_pos = next_pos + 1
+        STATS["decode_tokens"] += sum(len(o) for o in out)
+        STATS["decode_s"] += time.time() - t0
+    return [(o, f) for o, f in zip(out, finished)]
+
+
+def generate_tokens(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
+                    cache=None, cached=None, group=None):
+    """prompts: lists of token ids (unequal lengths). Returns per prompt (tokens, finished): tokens without the EOS;
+    finished is False when the row stopped at max_new_tokens. cache, cached: from prefill_prefixes, one row per
+    prompt; each prompt then continues its row's cached tokens as far as they begin it, and the cache is only read.
+    Without them, each prompt but its last token is filled into a row of its own first."""
+    if cache is None:
+        cache, cached = prefill_prefixes(model, [p[:-1] for p in prompts], group)
+    valid, tails = read_prefixes(cached, prompts)
+    return _generate_rows(model, cache, valid, list(range(len(prompts))), tails, eos_ids, max_new_tokens,
+                          temperature, top_p, generator, group)
+
+
+def generate_with_prefix_cache(model, prompts, eos_ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
+                               group=None):
+    """generate_tokens for prompts that share a long prefix ([template; document; instruction i]): the longest
+    common token prefix is filled once, into one cache row that every prompt's row reads (never copied), and the
+    prompts decode together."""
+    # at least one token of each prompt stays outside the prefix: its logits start the decoding
+    p = min(common_prefix_len(prompts), min(len(q) for q in prompts) - 1)
+    cache, cached = prefill_prefixes(model, [prompts[0][:p]], group)
+    valid = torch.ones(1, p, dtype=torch.bool)
+    return _generate_rows(model, cache, valid, None, [q[p:] for q in prompts], eos_ids, max_new_tokens, temperature,
+                          top_p, generator, group)
+
+
+@torch.inference_mode()
+def tail_logps(model, prefix, valid, rows, tails, scored, group=None, budget=longpo.Config.logp_budget):
+    """Σ_j log π(tails[b][j] | prefix row, tails[b][:j]) over the j where scored[b][j] (never j = 0: the tail's first
+    token is what the prefix leaves to feed): the tails are fed right padded after the prefix (prefix, valid, rows
+    as _over takes them), and the LM head runs on the scored positions only, budget logits a chunk. (B,) float64."""
+    device = next(model.parameters()).device
+    starts = valid.sum(1).tolist() * (len(tails) if rows is None else 1)
+    ids, _, pos = (x.to(device) for x in _pad(tails, starts, left=False))
+    cells = [(b, j) for b, marks in enumerate(scored) for j, m in enumerate(marks) if m]
+    # the right pads follow every real token: no row's real positions read them, so no mask is needed
+    cache = _over(prefix, valid, rows, model, len(tails), ids.shape[1], group)
+    hidden = _feed(model, cache, ids, pos, seq_sharded=False)  # (B, L, d): d wide, never V wide
+    rows_, cols = (torch.tensor(x, device=device) for x in zip(*cells))
+    logps = longpo.chunked_logps(hidden[rows_, cols - 1], model.lm_head.weight, ids[rows_, cols],
+                                 budget).double()  # (M,) for the M scored tokens: column j - 1 predicts token j
+    return torch.zeros(len(tails), dtype=torch.float64, device=device).index_add(0, rows_, logps)  # (B,): Σ a row
+
+
+def cached_response_logps(model, cache, cached, seqs, group=None, budget=longpo.Config.logp_budget):
+    """longpo.response_logps of one-turn chats, batched over a prefill_prefixes cache: seqs[b] = (ids, turns) of
+    render_chat's [user, response] for row b. Only what the row's cached tokens leave of its sequence is fed, and
+    the head runs on the response's tokens only (render_chat's turn 1, through the end-of-turn marker). Returns (B,)
+    float64, the sum over each response's tokens."""
+    valid, rest = read_prefixes(cached, [ids[:turns.index(1)] for ids, turns in seqs])  # rest: prompt tails
+    tails = [tail + ids[turns.index(1):] for tail, (ids, turns) in zip(rest, seqs)]  # (prompt tail; response; ...)
+    scored = [[False] * len(tail) + [t == 1 for t in turns[turns.index(1):]] for tail, (_, turns) in zip(rest, seqs)]
+    return tail_logps(model, cache, valid, list(range(len(seqs))), tails, scored, group, budget)
 
 
 def eos_token_ids(model, tokenizer):
@@ -822,17 +718,20 @@ def reject_reason(text, finished, cfg, branch="chosen", specials=()):
 # one document -> one record (§3.3: instruction generation, then response generation)
 
 
+TURN_FIELDS = ("chunk", "instruction", "chosen", "rejected", "ref_chosen_logp", "ref_rejected_logp")  # the schema's
+
+
 def doc_seed(seed, index):
     """A document's own seed: the same whichever rank takes it and whether or not the run was resumed."""
     return (seed * 1_000_003 + index) % 2**63
 
 
-def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name, share_chunks=True):
+def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name, group=None):
     """Returns (record or None, counts). counts holds turns sampled, fallback instructions and each dropped turn's
-    branch and reason. Each chunk C_S^i is prefilled once ([template; C_S^i], prefill_prefixes) and its cache
-    serves the pool, the chosen answer and both reference log-probs; share_chunks=False prefills the chunk anew
-    for each of the four and runs longpo.response_logps per reference (the path before, which bench.py times).
-    Seconds per stage (pool, chosen, rejected, reference) are added to STATS."""
+    branch and reason. Each chunk C_S^i is filled once ([template; C_S^i], prefill_prefixes) and its cache serves
+    the pool, the chosen answer and both reference log-probs; the document's once for all its answers. group: the
+    ranks every cache is spread over (sequence-parallel prefills, head-parallel decoding); each rank of it returns
+    the same record. Seconds per stage (pool, chosen, rejected, reference) are added to STATS."""
     device = next(model.parameters()).device
     seed = doc_seed(cfg.seed, index)
     rng = random.Random(seed)
@@ -853,9 +752,13 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
         STATS[name + "_s"] += time.time() - t0
         return time.time()
 
-    sample_args = dict(eos_ids=eos_ids, prefill_chunk=cfg.prefill_chunk)
-    response_args = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
-                         top_p=cfg.response_top_p, generator=gen, **sample_args)  # B.1: greedy by default
+    def references(key, turns, cache, cached):  # log πS(y | C_S^i, I^i) of Eq. 12-13 over the chunks' cache
+        seqs = [longpo.render_chat(tokenizer, [user, t[key]]) for t, user in turns]
+        for (t, _), logp in zip(turns, cached_response_logps(model, cache, cached, seqs, group).tolist()):
+            t[f"ref_{key}_logp"] = logp
+
+    response_args = dict(eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.response_temperature,
+                         top_p=cfg.response_top_p, generator=gen, group=group)  # B.1: greedy by default
 
     # §3.3 step 1, instruction generation: chunks C_S^i sampled from C_L (§4.1); x_S = [C_S^i; I^i] holds what the
     # instruction asks about, inside πS's window
@@ -864,15 +767,14 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
                           rng)  # Eq. 5's extractor F(C_L, I_L): this chunking
     counts["turns"] += len(spans)
     pool_prompts = [render(text[s:e] + "\n\n" + POOL_PROMPT.format(n=cfg.pool_size)) for s, e in spans]
-    # each chunk's KV cache, computed once: the tokens its pool prompt shares with [template; C_S^i] alone, which
-    # every later use of the chunk begins with (read_prefixes checks it, token by token). It is kept until the
-    # reference log-probs: beside the document's cache while the rejected answers decode
-    prefixes = [chunk_prefix(tokenizer, p, text[s:e]) if share_chunks else [] for p, (s, e) in zip(pool_prompts, spans)]
-    cache, cached = prefill_prefixes(model, prefixes, cfg.prefill_chunk)
+    # each chunk's KV cache, filled once: the tokens its pool prompt shares with [template; C_S^i] alone, which every
+    # later use of the chunk begins with (read_prefixes checks it, token by token)
+    cache, cached = prefill_prefixes(model, [chunk_prefix(tokenizer, p, text[s:e]) for p, (s, e) in
+                                             zip(pool_prompts, spans)], group)
     # an instruction pool per chunk (B.1: T = 0.7, top-p = 0.9), one instruction I^i picked from it at random
-    pools = generate_tokens(model, pool_prompts, max_new_tokens=cfg.pool_max_new_tokens,
+    pools = generate_tokens(model, pool_prompts, eos_ids=eos_ids, max_new_tokens=cfg.pool_max_new_tokens,
                             temperature=cfg.pool_temperature, top_p=cfg.pool_top_p, generator=gen, cache=cache,
-                            cached=cached, **sample_args)
+                            cached=cached, group=group)
     asked = []  # (cache row, chunk span, instruction)
     for row, (span, (toks, finished)) in enumerate(zip(spans, pools)):
         pool = parse_pool(tokenizer.decode(toks, skip_special_tokens=True), finished)
@@ -884,34 +786,36 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
             asked.append((row, span, rng.choice(pool)))
         else:
             counts["dropped: no instruction"] += 1  # --pool_fallback false: the chunk gives no turn
-    cached = keep_rows(cache, cached, [row for row, _, _ in asked], device)  # the chunks' cache, row a for asked[a]
     t0 = stage_done("pool", t0)
     # §3.3 step 2, response generation: chosen y_S^i given x_S = [C_S^i; I^i]. A turn whose chosen answer fails a
     # filter (§4.1) is dropped before its rejected answer is computed: the long side is the costly one
-    shorts = [text[s:e] + "\n\n" + ins for _, (s, e), ins in asked]  # the user message of x_S
-    chosen = generate_tokens(model, [render(u) for u in shorts], cache=cache, cached=cached,
-                             **response_args) if asked else []
-    kept = []
-    for row, ((_, (s, e), ins), user, (toks, finished)) in enumerate(zip(asked, shorts, chosen)):
-        y_s = tokenizer.decode(toks, skip_special_tokens=True).strip()
-        reason = drop_reason(y_s, finished, "chosen", user)
-        if reason:
-            counts["dropped: chosen " + reason] += 1
-        else:
-            kept.append((row, dict(chunk=[s, e], instruction=ins, chosen=y_s), user))
+    kept = []  # (turn, the user message of x_S)
+    if asked:
+        cached = keep_rows(cache, cached, [row for row, _, _ in asked])  # the chunks' cache, row a for asked[a]
+        shorts = [text[s:e] + "\n\n" + ins for _, (s, e), ins in asked]
+        chosen = generate_tokens(model, [render(u) for u in shorts], cache=cache, cached=cached, **response_args)
+        rows = []
+        for row, ((_, (s, e), ins), user, (toks, finished)) in enumerate(zip(asked, shorts, chosen)):
+            y_s = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            reason = drop_reason(y_s, finished, "chosen", user)
+            if reason:
+                counts["dropped: chosen " + reason] += 1
+            else:
+                kept.append((dict(chunk=[s, e], instruction=ins, chosen=y_s), user))
+                rows.append(row)
+        cached = keep_rows(cache, cached, rows) if kept else cached
     t0 = stage_done("chosen", t0)
-    # the chunks of dropped turns leave the cache before the document's cache joins it
-    cached = keep_rows(cache, cached, [row for row, _, _ in kept], device)
-    kept = [(j, t, user) for j, (_, t, user) in enumerate(kept)]
-    # rejected y_L^i given x_L = [C_L; I^i], at the long branch's RoPE base; the document's KV cache is computed once
-    # for all instructions, its opening seeded from the first chunk's cache when that chunk was sampled (not at
-    # another RoPE base, where every key differs)
-    start = (cache, cached) if share_chunks and not cfg.long_rope_theta else None
+    if kept:  # the chosen answers' references now, while the chunks' cache is at hand
+        references("chosen", kept, cache, cached)
+        t0 = stage_done("reference", t0)
+    # rejected y_L^i given x_L = [C_L; I^i], at the long branch's RoPE base. The chunks' cache waits in host memory
+    # (on a GPU) while the document's cache, filled once and read by every answer, takes its place
+    move_cache(cache, "cpu")
     with rope_base(model, cfg.long_rope_theta):
-        rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for _, t, _ in kept],
-                                              group=cfg.long_group, start=start, **response_args) if kept else []
+        rejected = generate_with_prefix_cache(model, [render(text + "\n\n" + t["instruction"]) for t, _ in kept],
+                                              **response_args) if kept else []
     turns, rows = [], []
-    for (row, t, user), (toks, finished) in zip(kept, rejected):
+    for row, ((t, user), (toks, finished)) in enumerate(zip(kept, rejected)):
         t["rejected"] = tokenizer.decode(toks, skip_special_tokens=True).strip()
         reason = drop_reason(t["rejected"], finished, "rejected", user)  # its reference is on [C_S; I] too
         reason = "rejected " + reason if reason else None
@@ -920,27 +824,18 @@ def build_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, m
         if reason:
             counts["dropped: " + reason] += 1
         else:
-            turns.append(t)
+            turns.append((t, user))
             rows.append(row)
     t0 = stage_done("rejected", t0)
     if not turns:
         counts["documents without a turn left"] += 1
         return None, counts
-    record = {"id": f"doc-{index:05d}", "document": text, "turns": turns}
-    # log πS(y | C_S^i, I^i) of Eq. 12-13, through the rendering training uses, at πS's own RoPE base (the reference
-    # is πS on the short chunk): over the chunk's cache, [I^i; y] fed and the response positions alone through the head
-    cached = keep_rows(cache, cached, rows, device)
-    for key in ("chosen", "rejected"):
-        messages = [longpo.short_messages(record, i, t[key]) for i, t in enumerate(turns)]
-        if share_chunks:
-            seqs = [longpo.render_chat(tokenizer, m) for m in messages]
-            logps = cached_response_logps(model, cache, cached, seqs, cfg.prefill_chunk).tolist()  # Eq. 12-13
-        else:
-            logps = [longpo.response_logps(model, tokenizer, m)[0].item() for m in messages]  # Eq. 12-13
-        for t, logp in zip(turns, logps):
-            t[f"ref_{key}_logp"] = logp
+    # the rejected answers' references, at πS's own RoPE base (the reference is πS on the short chunk)
+    move_cache(cache, device)
+    references("rejected", turns, cache, keep_rows(cache, cached, rows))
     stage_done("reference", t0)
-    record["meta"] = {"model": model_name, "source": source, "long_tokens": len(offsets), "seed": seed}
+    record = {"id": f"doc-{index:05d}", "document": text, "turns": [{k: t[k] for k in TURN_FIELDS} for t, _ in turns],
+              "meta": {"model": model_name, "source": source, "long_tokens": len(offsets), "seed": seed}}
     longpo.validate_record(record, f"document {index} ({source})")
     return record, counts
 
@@ -1011,7 +906,8 @@ def check_parts_config(cfg, parts, dtype, corpus_sha256=None):
 
 
 def merge_parts(parts, out, n_docs):
-    """All parts -> out, records sorted by document index: the same file whatever the world size or crashes."""
+    """All parts -> out, records sorted by document index: the same file whatever the world size or crashes.
+    Returns the counts, and the longest record's tokens as longpo.py renders it (0 where parts predate that)."""
     lines = {}
     for p in part_files(parts):
         for line in read_part(p):
@@ -1023,7 +919,7 @@ def merge_parts(parts, out, n_docs):
     kept = [lines[i]["record"] for i in sorted(lines) if lines[i]["record"] is not None]
     counts["records"] = len(kept)
     longpo.write_atomic(out, (json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    return counts
+    return counts, max((line.get("train_tokens", 0) for line in lines.values()), default=0)
 
 
 def branch_drops(counts, branch):
@@ -1047,13 +943,14 @@ def main(argv):
     if not cfg.corpus:  # the embedded corpus: its defaults under the flags given (checked before anything is written)
         cfg = longpo.parse_config(GenConfig, argv, base=GenConfig(**EMBEDDED))
     stop_after = int(os.environ.get("LONGPO_STOP_AFTER", -1))  # tests: stop after N documents, unmerged (a crash)
-    env = longpo.setup_distributed(sp=1)  # every rank its own dp group: ranks split the documents
+    env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     torch.manual_seed(cfg.seed)
-    longpo.print0(f"world {env.world}: documents split over ranks; corpus: {cfg.corpus or 'embedded synthetic'}")
+    longpo.print0(f"world {env.world} = dp {env.dp} x sp {env.sp}: dp groups split the documents, each document "
+                  f"spread over its group's {env.sp} rank(s); corpus: {cfg.corpus or 'embedded synthetic'}")
     dtype = longpo.inference_dtype(cfg.dtype, env.device)
 
     # model; the chunk size from πS's window (a chunk that cannot fit is refused before anything is written)
-    model, tokenizer = longpo.load_model(cfg.model, dtype, attn="sdpa")
+    model, tokenizer = longpo.load_model(cfg.model, dtype, attn="longpo")  # the caches carry the group
     model.to(env.device).eval()
     window = model.config.max_position_embeddings
     longest, budgets = max_chunk_tokens(tokenizer, window, cfg)
@@ -1068,9 +965,10 @@ def main(argv):
                    "would be sampled")
     if refusal:  # every rank computed the same: run_script prints it once, exit status 2
         raise SystemExit(refusal)
-    if cfg.chunk_tokens == 0:
-        cfg.chunk_tokens = longest  # resolved here, so that the parts' config records the size the data used
-        longpo.print0(f"--chunk_tokens {longest} from πS's window: {budgets}")
+    if cfg.chunk_tokens == 0:  # resolved here, so that the parts' config records the size the data used
+        cfg.chunk_tokens = min(longest, cfg.chunk_cap)
+        longpo.print0(f"--chunk_tokens {cfg.chunk_tokens} " + (f"(--chunk_cap), under what πS's window allows: "
+                      f"{budgets}" if cfg.chunk_cap < longest else f"from πS's window: {budgets}"))
     longpo.print0(json.dumps(dataclasses.asdict(cfg)))
     model_name = cfg.model or longpo.EMBEDDED_NAME
     eos_ids = eos_token_ids(model, tokenizer)
@@ -1090,7 +988,7 @@ def main(argv):
     if removed:
         longpo.print0(f"removed {removed} control-token string(s) from the corpus text")
 
-    # parts: this rank appends to its own file; documents in any part file are done
+    # parts: each dp group's first rank appends to the group's own file; documents in any part file are done
     parts = cfg.out + ".parts"
     refusal = None
     if env.master:
@@ -1103,21 +1001,26 @@ def main(argv):
     if refusal:
         longpo.teardown_distributed()
         raise SystemExit(refusal)
-    my_part = os.path.join(parts, f"rank-{env.rank:05d}.jsonl")
-    repair_part(my_part)
+    my_part = os.path.join(parts, f"rank-{env.dp_rank:05d}.jsonl")
+    writer = env.sp_rank == 0  # the group's other ranks compute the same records
+    if writer:
+        repair_part(my_part)
+        if os.path.exists(my_part[:-len(".jsonl")] + ".done"):
+            os.remove(my_part[:-len(".jsonl")] + ".done")  # an earlier run's: this run's share is not done yet
     done = {line["index"] for p in part_files(parts) for line in read_part(p)}
 
-    # length filter (§4.1) over this rank's documents; an empty range anywhere stops all ranks with one message
+    # length filter (§4.1) over this group's documents; an empty range anywhere stops all ranks with one message
     mine, lengths = [], []
-    for i in range(env.rank, len(docs), env.world):
+    for i in range(env.dp_rank, len(docs), env.dp):
         n = len(tokenizer(docs[i][1], add_special_tokens=False)["input_ids"])
         lengths.append(n)
         if in_length_range(n, cfg.max_len):
             mine.append(i)
     stats = [(len(mine), min(lengths, default=0), max(lengths, default=0), len(lengths))]
-    if dist.is_initialized():
+    if dist.is_initialized():  # (also the point after which no rank's .done file of an earlier run is left)
         stats = [None] * env.world
         dist.all_gather_object(stats, (len(mine), min(lengths, default=0), max(lengths, default=0), len(lengths)))
+        stats = stats[::env.sp]  # one entry a group: its ranks read the same documents
     if sum(s[0] for s in stats) == 0:
         seen = [s for s in stats if s[3]]
         raise SystemExit(f"{cfg.corpus or 'embedded corpus'}: no document has a token length in "
@@ -1129,52 +1032,72 @@ def main(argv):
     todo = [i for i in mine if i not in done]
 
     # generation: one record per document, appended and flushed as soon as it is complete
-    t_start, processed, stopped, seen = time.time(), 0, False, Counter()
-    with open(my_part, "a", encoding="utf-8") as part:
-        for i in todo:
-            if processed == stop_after:
-                stopped = True
-                break
-            source, text = docs[i]
-            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            try:
-                record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name)
-            except longpo.RenderError as e:  # a chat this template will not render: skipped, never blocking a resume
+    t_start, processed, seen = time.time(), 0, Counter()
+    part = open(my_part, "a", encoding="utf-8") if writer else None
+    for i in todo:
+        if processed == stop_after:
+            break
+        source, text = docs[i]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        try:
+            record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name,
+                                          env.sp_group)
+        except longpo.RenderError as e:  # a chat this template will not render: skipped, never blocking a resume
+            if writer:
                 print(f"skipping document {i} ({source}): {e}", file=sys.stderr, flush=True)
-                record, counts = None, Counter({"documents skipped (cannot be rendered)": 1})
-            seen.update(counts)
-            part.write(json.dumps({"index": i, "record": record, "counts": dict(counts)}, ensure_ascii=False) + "\n")
+            record, counts = None, Counter({"documents skipped (cannot be rendered)": 1})
+        seen.update(counts)
+        if writer:  # train_tokens: the longer long chat of the record, as longpo.py renders it (its --max_len)
+            train = max(len(ids) for ids, _ in longpo.render_branches(tokenizer, record)[0]) if record else 0
+            part.write(json.dumps({"index": i, "record": record, "counts": dict(counts), "train_tokens": train},
+                                  ensure_ascii=False) + "\n")
             part.flush()
             os.fsync(part.fileno())
-            processed += 1
-            # progress: documents done, prefill and decode throughput, time left (this rank's share)
-            elapsed = time.time() - t_start
-            stages = " ".join(f"{k} {STATS[k + '_s'] / processed:.1f}s" for k in STAGES)  # this rank's mean
-            longpo.print0(
-                f"doc {processed}/{len(todo)} (rank 0) | turns kept {len(record['turns']) if record else 0} | dropped "
-                f"so far: chosen {branch_drops(seen, 'chosen')}, rejected {branch_drops(seen, 'rejected')} | "
-                f"prefill {STATS['prefill_tokens'] / max(STATS['prefill_s'], 1e-9):.0f} tok/s "
-                f"({STATS['seeded_tokens']} tokens seeded from chunks) | "
-                f"decode {STATS['decode_tokens'] / max(STATS['decode_s'], 1e-9):.1f} tok/s | "
-                f"per record: {stages} | "
-                f"elapsed {elapsed:.0f}s | left ~{elapsed / processed * (len(todo) - processed):.0f}s")
-
-    # merge: rank 0, after every rank has finished, in document order (none if any rank stopped early)
-    stopped = torch.tensor([int(stopped)], device=env.device)
-    if dist.is_initialized():
-        dist.all_reduce(stopped, op=dist.ReduceOp.MAX)  # also the barrier before the merge
-    if stopped.item():
+        processed += 1
+        # progress: documents done, prefill and decode throughput, time left (this group's share)
+        elapsed = time.time() - t_start
+        stages = " ".join(f"{k} {STATS[k + '_s'] / processed:.1f}s" for k in STAGES)  # this group's mean
+        longpo.print0(
+            f"doc {processed}/{len(todo)} (rank 0) | turns kept {len(record['turns']) if record else 0} | dropped "
+            f"so far: chosen {branch_drops(seen, 'chosen')}, rejected {branch_drops(seen, 'rejected')} | "
+            f"prefill {STATS['prefill_tokens'] / max(STATS['prefill_s'], 1e-9):.0f} tok/s | "
+            f"decode {STATS['decode_tokens'] / max(STATS['decode_s'], 1e-9):.1f} tok/s | per record: {stages} | "
+            f"elapsed {elapsed:.0f}s | left ~{elapsed / processed * (len(todo) - processed):.0f}s")
+    if part is not None:
+        part.close()
+    if processed == stop_after and processed < len(todo):  # every rank stops alike: no join, no merge
         longpo.print0(f"LONGPO_STOP_AFTER={stop_after}: stopping without merging")
         longpo.teardown_distributed()
         return
+
+    # join through the files: a group that has finished says so in its .done file and waits for the others' (a
+    # collective would wait under the process group's timeout, and groups finish hours apart); then rank 0 merges
+    if writer:
+        longpo.write_atomic(my_part[:-len(".jsonl")] + ".done", f"{processed}\n")
+    wait_for_files([os.path.join(parts, f"rank-{g:05d}.done") for g in range(env.dp)])
     if env.master:
-        counts = merge_parts(parts, cfg.out, len(docs))
+        counts, longest = merge_parts(parts, cfg.out, len(docs))
         print(f"wrote {counts.pop('records', 0)} record(s) to {cfg.out} (parts kept in {parts}: a rerun resumes "
               f"from them; delete it to start over)", flush=True)
         print(f"outside the length range: {sum(s[3] - s[0] for s in stats)} document(s)", flush=True)
         for line in summary_lines(counts, cfg):
             print(line, flush=True)
+        print(f"the longest record is {longest} tokens as longpo.py renders it (document, turns, template): train "
+              f"with --max_len {longest} or more", flush=True)
     longpo.teardown_distributed()
+
+
+def wait_for_files(paths, every=1.0):
+    """Return once every path exists, checking every `every` seconds (and saying so now and then)."""
+    t0, said = time.time(), 0.0
+    while True:
+        missing = [p for p in paths if not os.path.exists(p)]
+        if not missing:
+            return
+        if time.time() - t0 - said > 600:
+            said = time.time() - t0
+            longpo.print0(f"waiting for {len(missing)} group(s) to finish: {', '.join(missing[:4])} ...")
+        time.sleep(every)
 
 
 if __name__ == "__main__":

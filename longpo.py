@@ -18,8 +18,10 @@ P sequence-parallel ranks, V vocabulary, n turns of a record, M (source, target)
 
 import argparse
 import dataclasses
+import datetime
 import errno
 import fcntl
+import functools
 import gc
 import glob
 import hashlib
@@ -43,7 +45,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -102,6 +104,11 @@ class Config:
     too_long: str = checked("skip", choices=("skip", "error"))  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
     # checkpoints and logging
     save_every: int = checked(50, lambda x: x >= 1)  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = checked(3, lambda x: x >= 1)  # checkpoints kept in --out: older ones are removed once a newer
+                                                   # one is written whole (a 7B model's takes about 100 GB)
+    timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
+                                                         # (NCCL's default is 10): rank 0 alone writes a checkpoint's
+                                                         # HF copy while the others wait
     max_bad_steps: int = checked(3, lambda x: x >= 1)  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
     resume: bool = False  # continue from the newest checkpoint in --out
 
@@ -110,11 +117,10 @@ class Config:
 # distributed setup: ranks form dp groups of sp consecutive ranks that read the same record
 
 
-SP_GROUP = None  # the sequence-parallel group of this rank, read by the attention function
-
-
-def setup_distributed(sp=0):
-    global SP_GROUP
+def setup_distributed(sp=0, timeout_min=None):
+    """torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one process. Ranks form dp groups of sp consecutive ranks that
+    hold one sequence between them; env.sp_group is this rank's group (None at sp = 1). timeout_min: how long a
+    collective may wait for its slowest rank (NCCL's default is 10 minutes)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -125,20 +131,20 @@ def setup_distributed(sp=0):
         raise SystemExit(f"--sp {sp} does not divide the world size {world}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = {"timeout": datetime.timedelta(minutes=timeout_min)} if timeout_min else {}
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **timeout)
     elif world == 1 and device.type == "cuda" and not dist.is_initialized():
         # FSDP2 wants a process group even for one GPU (it keeps fp32 master weights sharded)
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    dp_rank = rank // sp
-    SP_GROUP = None
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, **timeout)
+    dp_rank, sp_group = rank // sp, None
     if sp > 1:
         for g in range(world // sp):  # every rank must create every group, in the same order
-            group = dist.new_group(list(range(g * sp, (g + 1) * sp)))
+            group = dist.new_group(list(range(g * sp, (g + 1) * sp)), **timeout)
             if g == dp_rank:
-                SP_GROUP = group
+                sp_group = group
     return SimpleNamespace(rank=rank, world=world, sp=sp, sp_rank=rank % sp, dp=world // sp, dp_rank=dp_rank,
-                           device=device, master=rank == 0)
+                           sp_group=sp_group, device=device, master=rank == 0)
 
 
 def print0(*args):
@@ -227,7 +233,8 @@ def heads_to_seq(y, shares, group, num_heads):
 
 
 # -----------------------------------------------------------------------------
-# attention: causal over [prefix | chosen], and rejected queries over [prefix | rejected]
+# attention: one function for training ([prefix | chosen] causal, rejected over [prefix | rejected]), a prefill
+# and decoding; the causal diagonal always sits on the last key (lower right), as flash-attn aligns it
 
 
 def flash_applies(q):
@@ -235,72 +242,228 @@ def flash_applies(q):
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _attend(q, k, v, q_to_kv, scaling, lower_right):
-    """Causal attention of q (B, h, Tq, D) over k, v (B, hkv, Tk, D); lower_right aligns the causal diagonal to
-    the last key (query i sees keys 0 .. Tk - Tq + i), which is how the rejected branch sees the prefix."""
-    if q.shape[2] == 0:
+def _attend(q, k, v, q_to_kv, scaling, key_valid=None):
+    """Causal attention of q (B, h, Tq, D) over k, v (B, hkv, Tk, D), the diagonal aligned to the last key: query i
+    sees keys 0 .. Tk - Tq + i (Tq == Tk: the usual causal square; Tq == 1: every key; in between: a prefill chunk
+    over a cache, or the rejected branch over the prefix). key_valid (B, Tk) marks the keys each row may read
+    (padding); None builds no mask. q_to_kv: the local kv head of each local query head."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if Tq == 0:
         return q
     hq, hkv = q.shape[1], k.shape[1]
     uniform = hq % hkv == 0 and torch.equal(q_to_kv, torch.arange(hq) // (hq // hkv))
-    flash = flash_attn_func is not None and flash_applies(q)
+    flash = flash_attn_func is not None and flash_applies(q) and key_valid is None
+    lower_right = 1 < Tq < Tk and key_valid is None and not flash
     # an uneven share of a GQA group, or torch's lower-right causal kernels (which take no GQA argument): give
     # each local query head its own copy of its kv head
-    if not uniform or (lower_right and not flash):
+    if not uniform or lower_right:
         k, v = k.index_select(1, q_to_kv.to(k.device)), v.index_select(1, q_to_kv.to(v.device))
-    if flash:
-        # flash-attn's causal mask is bottom-right aligned, which equals top-left when Tq == Tk
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                              softmax_scale=scaling)  # (B, Tq, h, D)
-        return out.transpose(1, 2)
-    if lower_right and q.shape[2] != k.shape[2]:
-        mask = causal_lower_right(q.shape[2], k.shape[2])  # never materialised on the fused kernels
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=hq != k.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=hq != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if flash:  # its causal mask is bottom-right aligned
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                               softmax_scale=scaling).transpose(1, 2)  # (B, Tq, h, D) -> (B, h, Tq, D)
+    if key_valid is not None:  # padded rows: a (B, 1, Tq, Tk) mask; a padding query reads at least its own key
+        mask = _lower_right(Tq, Tk, q.device)[None, None] & (key_valid[:, None, None, :] | torch.eye(
+            Tq, Tk, Tk - Tq, dtype=torch.bool, device=q.device)[None, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    if lower_right:
+        mask = causal_lower_right(Tq, Tk)  # never materialised on CUDA's fused kernels (CPU builds it)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, scale=scaling, enable_gqa=gqa)
 
 
-def ulysses_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """Registered with transformers' AttentionInterface as "longpo". query (B, Hq, T/P, D), key and value
-    (B, Hkv, T/P, D), RoPE applied, each rank holding a contiguous slice of one packed sequence. Returns
-    (B, T/P, Hq, D). kwargs carry the layout given to model(...): prefix_len, chosen_len, rejected_len."""
+def _lower_right(Tq, Tk, device):
+    """(Tq, Tk) bool: key j is visible to query i when j <= Tk - Tq + i."""
+    return torch.arange(Tk, device=device)[None, :] <= torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+
+
+def ulysses_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, sp_group=None,
+                      kv_cache=None, seq_sharded=True, **kwargs):
+    """Registered with transformers' AttentionInterface as "longpo" (register_attention). query (B, Hq, T/P, D), key
+    and value (B, Hkv, T/P, D), RoPE applied, each rank of sp_group holding a contiguous slice of one sequence.
+    Returns (B, T/P, Hq, D). kwargs carry the layout given to model(...): prefix_len, chosen_len, rejected_len.
+    With kv_cache (generation), the new positions are written into the cache and attended over it
+    (cached_attention), on the cache's own group."""
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         raise ValueError("LongPO attention is causal only")
     if dropout:
         raise ValueError("attention dropout is not supported")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if kv_cache is not None:
+        P = kv_cache.group.size() if seq_sharded and kv_cache.group is not None else 1
+        _check_window(window, kv_cache.n + query.shape[2] * P + (kv_cache.prefix.n if kv_cache.prefix else 0))
+        return cached_attention(query, key, value, kv_cache, module.layer_idx, scaling, seq_sharded)
+    if key.shape[2] != query.shape[2]:  # transformers' own cache (model.generate) would hand us only past keys
+        raise ValueError("longpo attention without kv_cache runs whole sequences; for transformers' generate, load "
+                         "the model with attn_implementation='sdpa'")
     # transformers passes attention_mask=None for a custom attention name; padding is ours to handle (tail only)
-    P = dist.get_world_size(SP_GROUP) if SP_GROUP is not None else 1
+    P = dist.get_world_size(sp_group) if sp_group is not None else 1
     num_q, num_kv = query.shape[1], key.shape[1]
     q_idx, kv_idx, q_to_kv = head_shares(num_q, num_kv, P)
     if P > 1:
-        query = seq_to_heads(query, q_idx, SP_GROUP)  # (B, Hq, T/P, D) -> (B, hq_me, T, D)
-        key = seq_to_heads(key, kv_idx, SP_GROUP)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
-        value = seq_to_heads(value, kv_idx, SP_GROUP)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
-    me = dist.get_rank(SP_GROUP) if P > 1 else 0
+        query = seq_to_heads(query, q_idx, sp_group)  # (B, Hq, T/P, D) -> (B, hq_me, T, D)
+        key = seq_to_heads(key, kv_idx, sp_group)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
+        value = seq_to_heads(value, kv_idx, sp_group)  # (B, Hkv, T/P, D) -> (B, hkv_me, T, D)
+    me = dist.get_rank(sp_group) if P > 1 else 0
     T = query.shape[2]
     p = kwargs.get("prefix_len", T)
     c, r = kwargs.get("chosen_len", T - p), kwargs.get("rejected_len", 0)
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window is not None and window < p + max(c, r):
-        raise ValueError(f"sliding_window={window} is shorter than the sequence ({p + max(c, r)} positions); "
-                         "load the model with sliding_window=None (load_model does)")
+    _check_window(window, p + max(c, r))
     chosen_end, rejected_end = p + c, p + c + r  # [0, p) prefix, [p, chosen_end) chosen, then rejected
-    out = _attend(query[:, :, :chosen_end], key[:, :, :chosen_end], value[:, :, :chosen_end], q_to_kv[me], scaling,
-                  lower_right=False)  # (B, hq_me, p + c, D): [prefix | chosen], causal
+    out = _attend(query[:, :, :chosen_end], key[:, :, :chosen_end], value[:, :, :chosen_end], q_to_kv[me],
+                  scaling)  # (B, hq_me, p + c, D): [prefix | chosen], causal
     parts = [out]
     if r:  # rejected queries see the prefix and the rejected branch, never the chosen branch
         k_r = torch.cat([key[:, :, :p], key[:, :, chosen_end:rejected_end]], 2)  # (B, hkv_me, p + r, D)
         v_r = torch.cat([value[:, :, :p], value[:, :, chosen_end:rejected_end]], 2)  # (B, hkv_me, p + r, D)
-        parts.append(_attend(query[:, :, chosen_end:rejected_end], k_r, v_r, q_to_kv[me], scaling,
-                             lower_right=True))  # (B, hq_me, r, D)
+        parts.append(_attend(query[:, :, chosen_end:rejected_end], k_r, v_r, q_to_kv[me], scaling))  # (B, hq_me, r,
+        # D): lower right, the rejected branch continues the prefix
     if rejected_end < T:  # right padding to a multiple of P: attends to nothing, read by nothing
         parts.append(query.new_zeros(*query.shape[:2], T - rejected_end, query.shape[3]))
     out = torch.cat(parts, 2)  # (B, hq_me, T, D)
     if P > 1:
-        out = heads_to_seq(out, q_idx, SP_GROUP, num_q)  # (B, hq_me, T, D) -> (B, Hq, T/P, D)
+        out = heads_to_seq(out, q_idx, sp_group, num_q)  # (B, hq_me, T, D) -> (B, Hq, T/P, D)
     return out.transpose(1, 2), None  # (B, T/P, Hq, D)
 
 
-def _register_attention():
-    AttentionInterface.register("longpo", ulysses_attention)
+def _check_window(window, positions):
+    if window is not None and window < positions:
+        raise ValueError(f"sliding_window={window} is shorter than the sequence ({positions} positions); load the "
+                         "model with sliding_window=None (load_model does): LongPO attends over the whole context")
+
+
+def register_attention(sp_group=None):
+    """Make ulysses_attention transformers' attention "longpo", bound to sp_group (None: one rank holds the whole
+    sequence); a model loaded with attn_implementation="longpo" calls it in every layer. The model must have no
+    sliding window (load_model sets sliding_window=None)."""
+    AttentionInterface.register("longpo", functools.partial(ulysses_attention, sp_group=sp_group))
+
+
+# -----------------------------------------------------------------------------
+# generation's KV cache, written by the attention function: each rank of a group holds its share of the heads over
+# every position (what the exchange leaves after a prefill), so decoding is head-parallel
+
+
+def kv_cache(config, rows, tokens, device, dtype, group=None):
+    """An empty KV cache for `rows` sequences of up to `tokens` positions: per layer, keys and values
+    (rows, h_kv of this rank, tokens, D), this rank's share of the kv heads (head_shares over the group). n: the
+    positions filled, the same in every row. valid: (rows, tokens) bool, the positions each row may read, or None
+    when all are real. prefix: another cache read-only before this one (one row shared by all, or one a row), with
+    its own valid; set by the sampler."""
+    Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
+    D = getattr(config, "head_dim", None) or config.hidden_size // Hq
+    P = dist.get_world_size(group) if group is not None else 1
+    shares = head_shares(Hq, Hkv, P)
+    h = len(shares[1][dist.get_rank(group) if P > 1 else 0])
+    shape = (rows, h, tokens, D)
+    # zeros, not empty memory: a row shorter than its neighbours is read with its tail masked, and a masked key's
+    # weight 0 times a NaN left in never-written memory would still be NaN
+    k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+    v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+    return SimpleNamespace(k=k, v=v, n=0, valid=None, prefix=None, group=group, shares=shares, num_heads=Hq)
+
+
+def cached_attention(query, key, value, cache, layer, scaling, seq_sharded):
+    """Generation's attention. query (B, Hq, t, D), key, value (B, Hkv, t, D): t new positions of each row, RoPE
+    applied, written into the cache at positions n .. n + t (the caller then advances n), then attended over
+    [prefix; cache]. seq_sharded: each rank holds a slice of the new positions, exchanged as in training (a long
+    prefill); else every rank holds all of them and keeps its share of the heads (decoding, short continuations),
+    and one gather of the heads' outputs follows. Returns (B, t or t/P, Hq, D)."""
+    group = cache.group
+    P = dist.get_world_size(group) if group is not None else 1
+    me = dist.get_rank(group) if P > 1 else 0
+    q_idx, kv_idx, q_to_kv = cache.shares
+    if P > 1 and seq_sharded:
+        query = seq_to_heads(query, q_idx, group)  # (B, Hq, t/P, D) -> (B, hq_me, t, D)
+        key = seq_to_heads(key, kv_idx, group)  # (B, Hkv, t/P, D) -> (B, hkv_me, t, D)
+        value = seq_to_heads(value, kv_idx, group)
+    elif P > 1:  # every rank computed every head of the new tokens: keep this rank's
+        query = query.index_select(1, q_idx[me].to(query.device))  # (B, Hq, t, D) -> (B, hq_me, t, D)
+        key = key.index_select(1, kv_idx[me].to(key.device))  # (B, Hkv, t, D) -> (B, hkv_me, t, D)
+        value = value.index_select(1, kv_idx[me].to(value.device))
+    n, t = cache.n, query.shape[2]
+    cache.k[layer][:, :, n:n + t] = key  # (B, hkv_me, t, D) into positions n .. n + t - 1
+    cache.v[layer][:, :, n:n + t] = value
+    keys, values = cache.k[layer][:, :, :n + t], cache.v[layer][:, :, :n + t]  # (B, hkv_me, n + t, D): views
+    valid = cache.valid[:, :n + t] if cache.valid is not None else None
+    if cache.prefix is None:
+        out = _attend(query, keys, values, q_to_kv[me], scaling, valid)  # (B, hq_me, t, D)
+    else:  # the prefix's keys all come before the cache's: two attentions, merged by their log-sum-exps
+        out, lse = prefix_attention(query, cache.prefix, layer, q_to_kv[me], scaling)
+        out, _ = merge_attention(out, lse, *attention_lse(query, keys, values, q_to_kv[me], scaling, valid,
+                                                          causal=True))
+        out = out.to(query.dtype)
+    if P > 1 and seq_sharded:
+        out = heads_to_seq(out, q_idx, group, cache.num_heads)  # (B, hq_me, t, D) -> (B, Hq, t/P, D)
+    elif P > 1:
+        out = gather_heads(out, q_idx, group)  # (B, hq_me, t, D) -> (B, Hq, t, D)
+    return out.transpose(1, 2), None  # (B, t or t/P, Hq, D)
+
+
+def prefix_attention(query, prefix, layer, q_to_kv, scaling):
+    """Attention of each row's queries (B, h, t, D) over its prefix row prefix.rows[b], or, rows None, over one row
+    that every row reads (read once for all of them, never copied); prefix.valid (B or 1, past): the entries each
+    row reads (None: all). Returns attention_lse's (out, lse)."""
+    keys, values = prefix.k[layer][:, :, :prefix.n], prefix.v[layer][:, :, :prefix.n]  # (rows, hkv, past, D)
+    if prefix.rows is None:
+        return attention_lse(query, keys, values, q_to_kv, scaling, prefix.valid, causal=False)
+    parts = [attention_lse(query[b:b + 1], keys[r:r + 1], values[r:r + 1], q_to_kv, scaling,
+                           prefix.valid[b:b + 1] if prefix.valid is not None else None, causal=False)
+             for b, r in enumerate(prefix.rows)]  # a row at a time: no rows gathered
+    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+
+
+def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget=1 << 25):
+    """Softmax attention of q (B, h, Tq, D) over k, v (Bk, hkv, Tk, D), Bk = B or 1 (keys shared by every row), with
+    each query's log-sum-exp of its scores, so that attentions over disjoint keys can be merged (merge_attention).
+    Plain torch, in fp32 (fp64 for fp64 inputs), over blocks of keys merged the same way, so that no more than about
+    `budget` scores exist at once. causal: lower right (query i sees keys up to Tk - Tq + i); key_valid (Bk, Tk).
+    Query heads are grouped over their kv head, so a kv head is read once for its whole group, never copied. Returns
+    (B, h, Tq, D) and (B, h, Tq) in fp32 (fp64); a query with no key to read gets 0 and -inf."""
+    B, h, Tq, D = q.shape
+    Bk, hkv, Tk = k.shape[0], k.shape[1], k.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if not (h % hkv == 0 and torch.equal(q_to_kv, torch.arange(h) // (h // hkv))):  # an uneven share of a group
+        k, v, hkv = k.index_select(1, q_to_kv.to(k.device)), v.index_select(1, q_to_kv.to(v.device)), h
+    g = h // hkv
+    x = q.to(acc).reshape(B, hkv, g * Tq, D) * scaling  # (B, hkv, g·Tq, D): a group's queries side by side
+    if Bk == 1 and B > 1:  # keys shared by the rows: the rows' queries side by side too (no causal order across)
+        x = x.transpose(0, 1).reshape(1, hkv, B * g * Tq, D)  # (1, hkv, B·g·Tq, D)
+    out = x.new_zeros(*x.shape[:3], v.shape[3])
+    lse = x.new_full(x.shape[:3], -math.inf)
+    block = max(1, budget // max(1, x.shape[0] * x.shape[1] * x.shape[2]))
+    visible = _lower_right(Tq, Tk, q.device).repeat(g, 1) if causal else None  # (g·Tq, Tk)
+    for s in range(0, Tk, block):
+        e = min(s + block, Tk)
+        scores = x @ k[:, :, s:e].to(acc).transpose(-1, -2)  # (Bk or B, hkv, queries, e - s)
+        if causal:
+            scores = scores.masked_fill(~visible[:, s:e], -math.inf)
+        if key_valid is not None:
+            scores = scores.masked_fill(~key_valid[:, None, None, s:e], -math.inf)
+        block_lse = scores.logsumexp(-1)  # (.., queries)
+        p = (scores - block_lse[..., None]).exp().nan_to_num(0.0)  # a query that sees no key here: all 0
+        out, lse = merge_attention(out, lse, p @ v[:, :, s:e].to(acc), block_lse)
+    if Bk == 1 and B > 1:
+        out, lse = out.view(hkv, B, g * Tq, -1).transpose(0, 1), lse.view(hkv, B, g * Tq).transpose(0, 1)
+    return out.reshape(B, h, Tq, -1), lse.reshape(B, h, Tq)  # (B, hkv, g·Tq, D) -> (B, h, Tq, D)
+
+
+def merge_attention(out1, lse1, out2, lse2):
+    """The attention over the union of two disjoint key sets from the attention over each: each output weighted by
+    its share of the softmax mass, exp(lse) (a set with no key, lse = -inf, weighs 0)."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1, w2 = (lse1 - lse).exp().nan_to_num(0.0), (lse2 - lse).exp().nan_to_num(0.0)
+    return out1 * w1[..., None] + out2 * w2[..., None], lse
+
+
+def gather_heads(y, shares, group):
+    """(B, h_me, t, D) -> (B, H, t, D): every rank's share of the heads, on every rank (the shares are consecutive
+    heads). Decoding's one exchange a layer: each rank attended with its own heads over its own cache shard."""
+    most = max(len(s) for s in shares)
+    padded = F.pad(y, (0, 0, 0, 0, 0, most - y.shape[1])).contiguous()  # (B, most, t, D): equal sizes to gather
+    parts = [torch.empty_like(padded) for _ in shares]
+    dist.all_gather(parts, padded, group=group)  # P x (B, most, t, D)
+    return torch.cat([part[:, :len(s)] for part, s in zip(parts, shares)], 1)  # (B, H, t, D)
 
 
 # -----------------------------------------------------------------------------
@@ -324,8 +487,8 @@ class SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
-def sum_over_sp(x):
-    return SumOverGroup.apply(x, SP_GROUP) if SP_GROUP is not None else x
+def sum_over_group(x, group):
+    return SumOverGroup.apply(x, group) if group is not None else x
 
 
 # -----------------------------------------------------------------------------
@@ -605,7 +768,8 @@ def sequence_sums(policy, packed, env):
     has = s["turn_idx"] >= 0
     turn_sums = logps.new_zeros(2 * n).index_add(0, s["turn_idx"][has], logps[has])  # (2n,): Σ over each turn
     nll_sum = -(logps * s["nll_mask"]).sum()[None]  # (1,)
-    total = sum_over_sp(torch.cat([turn_sums, nll_sum]))  # (2n + 1,) partial sums -> the whole sequence's
+    total = sum_over_group(torch.cat([turn_sums, nll_sum]), env.sp_group)  # (2n + 1,) partial sums -> the whole
+    # sequence's
     return total[:2 * n], total[2 * n]
 
 
@@ -631,21 +795,27 @@ def record_loss(cfg, policy, packed, env):
 
 
 def build_policy(cfg, env, model):
-    """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer."""
+    """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer. Under a
+    process group only rank 0's model holds weights (load_model(weights=False) builds the others' on the meta
+    device): each rank receives its shards from rank 0, so a node holds one copy of the model on the host."""
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     policy = TokenLogps(model, cfg.logp_budget)
-    if dist.is_initialized():
-        param_dtype, compute_dtype = _dtype_of(cfg, env.device)
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
-        for layer in model.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)  # moves each unit's shard to the device, one layer at a time
-    else:
-        policy.to(env.device)
-    policy.train()
-    return policy
+    if not dist.is_initialized():
+        return policy.to(env.device).train()
+    full = policy.state_dict() if env.master else {}  # rank 0: the whole model, on the host
+    param_dtype, compute_dtype = _dtype_of(cfg, env.device)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=param_dtype)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)  # rank 0: moves each unit's shard to the device, one layer at a time
+    if not env.master:  # room for this rank's shards, then the buffers no state dict holds (RoPE's frequencies)
+        policy.to_empty(device=env.device)
+        rope = model.model.rotary_emb
+        model.model.rotary_emb = type(rope)(model.config).to(env.device)
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return policy.train()
 
 
 def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
@@ -970,15 +1140,17 @@ def default_model_dir():
 FAMILIES = ("mistral", "llama", "qwen2")
 
 
-def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len=0):
+def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len=0, weights=True):
     """A local HF causal LM of a supported family, and its tokenizer. rope_theta and max_len set the policy's
-    RoPE base and max positions (transformers 5 keeps the base under config.rope_parameters)."""
+    RoPE base and max positions (transformers 5 keeps the base under config.rope_parameters). weights=False: the
+    model built from its config on the meta device (no memory, nothing read), to be filled by build_policy."""
     path = path or default_model_dir()
     if not os.path.isdir(path):
         raise SystemExit(f"--model {path}: not a directory")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise SystemExit(f"--model {path}: no config.json (expected a HF model directory)")
-    _register_attention()
+    if attn == "longpo" and "longpo" not in AttentionInterface():
+        register_attention()  # one rank holds the whole sequence; a sequence-parallel run registers its group first
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in FAMILIES:
         raise SystemExit(f"--model {path}: model_type {config.model_type!r} is not one of {FAMILIES}")
@@ -989,7 +1161,11 @@ def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len
         config.max_position_embeddings = max_len
     if getattr(config, "sliding_window", None) is not None:
         config.sliding_window = None  # LongPO attends over the whole context (Mistral-7B-v0.2 has no window)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise SystemExit(f"--model {path}: the tokenizer has no chat template")
@@ -1125,6 +1301,8 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, da
     if dist.is_initialized():
         dist.all_reduce(state, op=dist.ReduceOp.MAX)  # (3,): any failed, any full, minus the least free bytes
     if not state[0]:
+        if env.master:  # the new checkpoint is whole: older ones beyond --keep_last may go
+            prune_checkpoints(cfg.out, cfg.keep_last)
         return
     if env.master:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1167,7 +1345,26 @@ def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, 
                        "total_steps": total_steps}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        print0(f"saved {final}")
+        sizes = {part: disk_bytes(os.path.join(final, part)) for part in ("train_state",)}
+        total = disk_bytes(final)
+        print0(f"saved {final} ({total / 2**30:.2f} GiB on disk: train state {sizes['train_state'] / 2**30:.2f}, HF "
+               f"model {(total - sizes['train_state']) / 2**30:.2f})")
+
+
+def disk_bytes(path):
+    """Bytes of the files under path."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def prune_checkpoints(out, keep):
+    """Remove all but the newest `keep` checkpoints of out. Each is first renamed out of the checkpoints' name
+    pattern (to .trash-step-N), then deleted: a kill -9 at any point leaves every kept checkpoint whole and no half
+    deleted one that --resume could pick (the next run removes the leftover)."""
+    for path in checkpoints(out)[:-keep]:
+        trash = os.path.join(out, ".trash-" + os.path.basename(path))
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+        print0(f"removed {path} (--keep_last {keep})")
 
 
 # with the data and the model, what fixes the data order, the objective and the update
@@ -1354,7 +1551,8 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
 
 
 def train(cfg):
-    env = setup_distributed(cfg.sp)
+    env = setup_distributed(cfg.sp, cfg.timeout_min)
+    register_attention(env.sp_group)
     torch.manual_seed(cfg.seed)
     if cfg.lr == 0:
         cfg.lr = 2e-5 if cfg.loss == "sft" else 5e-7  # the paper's: §4.1 for LongPO and DPO, B.3 for SFT
@@ -1397,11 +1595,15 @@ def _train(cfg, env):
 
     # model, data, optimizer
     param_dtype, _ = _dtype_of(cfg, env.device)
-    model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len)
-    bad = non_finite_parameter(model)
-    if bad is not None:
-        raise SystemExit(f"--model {cfg.model or default_model_dir()}: tensor {bad} holds non-finite values")
-    save_dtype = getattr(AutoConfig.from_pretrained(model.name_or_path), "dtype", None) or param_dtype
+    # rank 0 reads the weights; under a process group the other ranks build the model on the meta device and get
+    # their shards from rank 0 (build_policy)
+    model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len, weights=env.master)
+    bad = [non_finite_parameter(model) if env.master else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(bad, 0)  # every rank stops on rank 0's finding
+    if bad[0] is not None:
+        raise SystemExit(f"--model {cfg.model or default_model_dir()}: tensor {bad[0]} holds non-finite values")
+    save_dtype = getattr(AutoConfig.from_pretrained(cfg.model or default_model_dir()), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
     data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
     data_sha256 = file_fingerprint(cfg.data)
@@ -1426,6 +1628,9 @@ def _train(cfg, env):
         for tmp in glob.glob(os.path.join(cfg.out, ".tmp-step-*")):  # a checkpoint a crash left half-written
             print0(f"removing {tmp}: a checkpoint left unfinished by an earlier run")
             shutil.rmtree(tmp, ignore_errors=True)
+        for trash in glob.glob(os.path.join(cfg.out, ".trash-step-*")):  # one a crash left half-removed
+            print0(f"removing {trash}: an old checkpoint an earlier run was removing (--keep_last)")
+            shutil.rmtree(trash, ignore_errors=True)
     if found:
         check_resumable(cfg, found[-1], data_sha256, len(steps))
     # DPO's reference is the initial policy's: computed (or read back) before a resumed run loads its weights

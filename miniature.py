@@ -482,7 +482,7 @@ def experiment(cfg):
     write_short_heldout(p("short_heldout.jsonl"), cfg.eval_samples, W, f"eval short/{EVAL_SEED}")
     stages, grades = {}, {}
     gen_flags = ["--chunk_tokens", str(chunk), "--min_chunk_tokens", str(chunk // 2), "--chunks_per_doc",
-                 str(cfg.turns), "--pool_max_new_tokens", "48", "--max_new_tokens", "8", "--long_group", "4"]
+                 str(cfg.turns), "--pool_max_new_tokens", "48", "--max_new_tokens", "8"]
     train_flags = ["--rope_theta", str(cfg.rope_theta), "--lr", str(cfg.lr), "--epochs", str(cfg.epochs),
                    "--global_batch", str(cfg.global_batch), "--save_every", "100000", "--grad_ckpt", "false"]
     for d in ("longpo", "sft", "dpo", "longpo_nonll", "longpo_r2"):  # each run is the experiment from nothing

@@ -188,7 +188,10 @@ def worker(spec_path):
     for case in spec["cases"]:
         cfg = longpo.Config(**case["cfg"])
         env = longpo.setup_distributed(cfg.sp)
-        model, tok = longpo.load_model(case["model"], torch.float64, "longpo", 0, 0)
+        longpo.register_attention(env.sp_group)
+        # as the trainer loads it: rank 0 reads the weights, the other ranks build the model on the meta device
+        model, tok = longpo.load_model(case["model"], torch.float64, "longpo", 0, 0,
+                                       weights=case["mode"] == "sp" or env.master)
         data = longpo.prepare_data(cfg, tok, env)
         if case["mode"] == "sp":  # sequence parallel alone: sum the partial gradients by hand
             policy = longpo.TokenLogps(model, cfg.logp_budget)
@@ -204,6 +207,9 @@ def worker(spec_path):
             results.append({"loss": loss.detach(), "turn_sums": turn_sums.detach(), "grads": grads})
         else:  # the trainer's own path: FSDP2 sharding, loss scaling, gradient norm, one Adam step
             policy = longpo.build_policy(cfg, env, model)
+            loaded = {n.removeprefix("model."): p.full_tensor().detach().clone() for n, p in policy.named_parameters()}
+            rope = [None] * env.world
+            torch.distributed.all_gather_object(rope, policy.model.model.rotary_emb.inv_freq.cpu())
             opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
             accum = cfg.global_batch // env.dp
             steps = longpo.schedule(len(data), cfg)
@@ -212,8 +218,8 @@ def worker(spec_path):
             grads = {n.removeprefix("model."): p.grad.full_tensor() for n, p in policy.named_parameters()}
             opt.step()
             weights = {n.removeprefix("model."): p.full_tensor().detach() for n, p in policy.named_parameters()}
-            results.append({"grads": grads, "weights": weights, "norm": norm.full_tensor(),
-                            "order": steps[0]})
+            results.append({"grads": grads, "weights": weights, "norm": norm.full_tensor(), "order": steps[0],
+                            "loaded": loaded, "rope": rope})
     if env.rank == 0:
         torch.save(results, spec["out"])
     longpo.teardown_distributed()
@@ -378,7 +384,7 @@ def packed_against_oracle(model_dir, data, kind="longpo", before_sums=lambda: No
     ref_model = longpo.load_model(model_dir, torch.float64, "sdpa")[0]
     (rec, packed), = examples(cfg, tok)
     policy = longpo.TokenLogps(model, cfg.logp_budget)
-    one = longpo.SimpleNamespace(sp=1, sp_rank=0, device=torch.device("cpu"))  # one process
+    one = longpo.SimpleNamespace(sp=1, sp_rank=0, sp_group=None, device=torch.device("cpu"))  # one process
     loss, m = longpo.record_loss(cfg, policy, packed, one)
     loss.backward()
     want, sums, nlls = oracle(ref_model, tok, [rec], cfg)
@@ -491,9 +497,10 @@ def test_sequence_parallel_equals_one_process(families, tmp_path, P):
 
 @pytest.mark.parametrize("nproc,sp", [(2, 1), (4, 2)])
 def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
-    """dp = 2, and dp = 2 x sp = 2: FSDP2 gradients (sum over sp, mean over dp), their norm, and the weights
-    after one Adam step equal one process's; also with the LM head tied to the embedding, whose gradient then
-    sums the head's and the embedding's."""
+    """dp = 2, and dp = 2 x sp = 2, the model read by rank 0 alone (the others built on the meta device): the
+    weights each rank starts from, FSDP2 gradients (sum over sp, mean over dp), their norm, and the weights after
+    one Adam step equal one process's; also with the LM head tied to the embedding, whose gradient then sums the
+    head's and the embedding's."""
     exact_rmsnorm()
     cfgd = {"data": str(tiny / "data.jsonl"), "max_len": 4096, "logp_budget": 64 * 320, "sp": sp,
             "dtype": "float64", "global_batch": 4, "lr": 1e-3}
@@ -503,6 +510,11 @@ def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
         cfg = longpo.Config(**cfgd)
         ref_model, tok = longpo.load_model(str(tiny / m), torch.float64, "sdpa")
         assert (ref_model.lm_head.weight is ref_model.model.embed_tokens.weight) == (m == "tied")
+        # loaded once, by rank 0, and sent in shards: bitwise the weights every rank used to read itself, and the
+        # RoPE frequencies (a buffer no state dict holds) rebuilt on every rank
+        assert got["loaded"].keys() == dict(ref_model.named_parameters()).keys()
+        assert all(torch.equal(got["loaded"][n], p) for n, p in ref_model.named_parameters())
+        assert all(torch.equal(r, ref_model.model.rotary_emb.inv_freq) for r in got["rope"])
         records = [r for r, _ in examples(cfg, tok)]
         want, _, _ = oracle(ref_model, tok, [records[i] for i in got["order"]], cfg)
         want.backward()
@@ -563,6 +575,52 @@ def test_checkpoint_and_resume(tiny, tmp_path):
     saved = json.load(open(full / "step-000004" / "longpo_config.json"))
     assert saved["step"] == 4 and saved["beta"] == 0.1
     assert not [p for p in os.listdir(full) if p.startswith(".tmp")]
+
+
+KILLER = """import os, runpy, shutil, signal, sys
+point, victim = sys.argv[1], ".trash-" + sys.argv[2]
+real_replace, real_rmtree = os.replace, shutil.rmtree
+def replace(src, dst, *a, **k):  # point "before": killed as the old checkpoint is about to be renamed
+    if point == "before" and str(dst).endswith(victim):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *a, **k)
+def rmtree(path, *a, **k):  # "after": renamed, not yet deleted; "during": one file of it deleted
+    if str(path).endswith(victim) and point in ("after", "during"):
+        if point == "during":
+            os.remove(next(os.path.join(d, f) for d, _, files in os.walk(path) for f in files))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_rmtree(path, *a, **k)
+os.replace, shutil.rmtree = replace, rmtree
+sys.argv = [sys.argv[3], *sys.argv[4:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_keep_last_removes_old_checkpoints_and_survives_kill_9_at_each_point(tiny, tmp_path):
+    """--keep_last 2 over 5 saves leaves the newest 2, and a kill -9 at each point of a removal (before the old
+    checkpoint's rename, after it, halfway through its deletion) leaves a run that --resume finishes with bitwise
+    the weights of an uninterrupted one, the leftover removed."""
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    args = [*map(str, train_args(tiny, tmp_path / "cut", "--max_steps", 5, "--save_every", 1, "--keep_last", 2))]
+    full = tmp_path / "full"
+    args_full = [*map(str, train_args(tiny, full, "--max_steps", 5, "--save_every", 1, "--keep_last", 2))]
+    p = subprocess.run([sys.executable, *args_full], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [os.path.basename(c) for c in longpo.checkpoints(str(full))] == ["step-000004", "step-000005"]
+    assert p.stdout.count("removed ") == 3 and "GiB on disk" in p.stdout
+    for point, victim, left in (("before", "step-000001", ["step-000001", "step-000002", "step-000003"]),
+                                ("after", "step-000002", ["step-000003", "step-000004"]),
+                                ("during", "step-000003", ["step-000004", "step-000005"])):
+        p = subprocess.run([sys.executable, killer, point, victim, *args, "--resume"], capture_output=True,
+                           text=True, cwd=HERE, timeout=300)
+        assert p.returncode == -9, (point, p.stderr[-2000:])
+        assert [os.path.basename(c) for c in longpo.checkpoints(str(tmp_path / "cut"))] == left, point
+    p = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert p.returncode == 0 and "removing " in p.stdout and "nothing left to train" in p.stdout, p.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "cut")) == sorted(os.listdir(full))  # the leftover .trash gone
+    a, b = load_weights(full / "step-000005"), load_weights(tmp_path / "cut" / "step-000005")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sft_and_dpo_run(tiny, tmp_path):
@@ -882,7 +940,7 @@ def tiny_models(tmp_path_factory):
 
 
 def load(path, dtype=torch.float32):
-    model, tok = longpo.load_model(path, dtype, attn="sdpa")
+    model, tok = longpo.load_model(path, dtype, attn="longpo")
     return model.eval(), tok
 
 
@@ -892,7 +950,9 @@ def prompts_of(tok, lengths, seed=0):
 
 
 def hf_generate(model, tok, prompts, eos, n):
-    """transformers' own greedy generate on a left-padded batch: the independent reference."""
+    """transformers' own greedy generate on a left-padded batch, with its own attention and cache: the independent
+    reference."""
+    model = longpo.load_model(model.name_or_path, model.dtype, attn="sdpa")[0].eval()
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[tok.pad_token_id] * (L - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
@@ -920,7 +980,7 @@ def test_greedy_equals_transformers_generate(tiny_models, family):
     # a padded batch with a frequent token as EOS, so that rows stop at different steps
     free = G.generate_tokens(model, prompts, [tok.eos_token_id], 24)
     eos = [free[0][0][5]]
-    ours = G.generate_tokens(model, prompts, eos, 24, prefill_chunk=7)
+    ours = G.generate_tokens(model, prompts, eos, 24)
     assert ours == hf_generate(model, tok, prompts, eos, 24)
     assert any(f for _, f in ours) and len({len(t) for t, _ in ours}) > 1  # the per-row stops were exercised
     for t, f in ours:
@@ -928,21 +988,21 @@ def test_greedy_equals_transformers_generate(tiny_models, family):
 
 
 def test_cached_decoding_equals_full_recomputation(tiny_models):
-    """Every decode step's logits equal one full forward over [prompt; tokens so far] (float64), per row of a
-    left-padded batch, with a chunked prefill."""
+    """Every decode step's logits equal one full forward over [prompt; tokens so far] (float64), per row of a batch
+    of prompts of unequal length."""
     model, tok = load(tiny_models["llama"], torch.float64)
     prompts = prompts_of(tok, (9, 20), seed=3)
     steps = []
     orig = G.decode_one_token
 
-    def spy(model_, token, cache, position_ids, attention_mask=None):
-        logits = orig(model_, token, cache, position_ids, attention_mask)
+    def spy(model_, cache, token, positions):
+        logits = orig(model_, cache, token, positions)
         steps.append(logits)
         return logits
 
     G.decode_one_token = spy
     try:
-        res = G.generate_tokens(model, prompts, [], 6, prefill_chunk=4)
+        res = G.generate_tokens(model, prompts, [], 6)
     finally:
         G.decode_one_token = orig
     assert len(steps) == 5
@@ -982,16 +1042,20 @@ def test_sampler_builds_no_autograd_graph(tiny_models):
     would keep every layer's activations of a long prompt alive through the KV cache."""
     model, tok = load(tiny_models["llama"])
     assert all(p.requires_grad for p in model.parameters())
-    cache = G.new_cache(model)
-    logits = G.prefill(model, torch.tensor([prompts_of(tok, (20,))[0]]), cache, chunk=8)
-    assert not logits.requires_grad
-    assert not any(layer.keys.requires_grad or layer.values.requires_grad for layer in cache.layers)
-    logits = G.decode_one_token(model, logits.argmax(-1), cache, torch.tensor([cache.get_seq_length()]))
-    assert not logits.requires_grad and not cache.layers[0].keys.requires_grad
+    ids = torch.tensor([prompts_of(tok, (20,))[0]])
+    cache = G.new_cache(model, 1, 64)
+    G.fill(model, cache, ids[:, :-1])
+    logits = G.prefill(model, cache, ids[:, -1:], torch.tensor([[ids.shape[1] - 1]]))
+    assert not logits.requires_grad and cache.n == ids.shape[1]
+    assert not any(k.requires_grad or v.requires_grad for k, v in zip(cache.k, cache.v))
+    logits = G.decode_one_token(model, cache, logits.argmax(-1), torch.tensor([cache.n]))
+    assert not logits.requires_grad and not cache.k[0].requires_grad
 
 
 def test_prefix_cache_reuse_equals_fresh_prefills(tiny_models):
-    model, tok = load(tiny_models["llama"])
+    """Prompts sharing a document: the common prefix filled once into one row that every prompt's row reads (never
+    copied), the prompts decoded together, give each prompt's tokens decoded alone; rows that stop early leave."""
+    model, tok = load(tiny_models["llama"], torch.float64)
     rng = random.Random(5)
     doc = words(rng, 150)
     questions = ("what is it", "where", "who sat on the mat then")
@@ -999,99 +1063,60 @@ def test_prefix_cache_reuse_equals_fresh_prefills(tiny_models):
     fresh = [G.generate_tokens(model, [p], [], 10)[0] for p in prompts]
     p = G.common_prefix_len(prompts)
     assert p > 100 and all(len(q) > p for q in prompts)
-    for group in (1, 2, 3):
-        G.STATS.clear()
-        reused = G.generate_with_prefix_cache(model, prompts, [], 10, group=group, prefill_chunk=32)
-        assert reused == fresh
-        assert G.STATS["prefill_tokens"] == p + sum(len(q) - p for q in prompts)  # the prefix once, not 3 times
-    # rows that stop early leave the batch; the cache is still cropped back to a clean one-row prefix
+    G.STATS.clear()
+    reused = G.generate_with_prefix_cache(model, prompts, [], 10)
+    assert reused == fresh
+    assert G.STATS["prefill_tokens"] == p + sum(len(q) - p for q in prompts)  # the prefix once, not 3 times
+    # rows that stop early leave the batch; the others decode on over the same prefix
     eos = [fresh[1][0][3]]
     fresh = [G.generate_tokens(model, [p], eos, 10)[0] for p in prompts]
-    assert any(f for _, f in fresh)
-    assert G.generate_with_prefix_cache(model, prompts + prompts[:1], eos, 10, group=2) == fresh + fresh[:1]
+    assert any(f for _, f in fresh) and not all(f for _, f in fresh)
+    assert G.generate_with_prefix_cache(model, prompts + prompts[:1], eos, 10) == fresh + fresh[:1]
 
 
-def test_growing_cache_equals_transformers_dynamic_cache(tiny_models):
-    """GrowingLayer (written in place, views of a buffer) gives the logits, keys and values of transformers'
-    concatenating DynamicLayer (float64) through chunked prefill over its capacity, decode, a reserve, a batch
-    repeat, a row selection, a crop and a deepcopy, and the copy leaves the original as it was."""
-    from transformers.cache_utils import DynamicLayer
-    model, tok = load(tiny_models["llama"], torch.float64)
-    ids = torch.tensor(prompts_of(tok, (12,), seed=4))  # (1, T)
-    T, capacity = ids.shape[1], 0
-    for s in range(0, T, 4):  # the room chunks of 4 leave: what a chunk needs, or half again as much
-        capacity = max(min(s + 4, T), capacity * 3 // 2) if min(s + 4, T) > capacity else capacity
-    assert capacity > T  # growth by half ran (and left room)
-
-    def run(layer_class):
-        with G.cache_layer(layer_class):
-            cache = G.new_cache(model)
-        assert all(type(layer) is layer_class for layer in cache.layers)
-        out = [G.prefill(model, ids, cache, chunk=4)]  # T tokens, 4 a forward
-        if layer_class is G.GrowingLayer:
-            assert {(layer.n, layer.capacity) for layer in cache.layers} == {(T, capacity)}
-        step = lambda c, t: G.decode_one_token(model, t, c, torch.full((t.shape[0],), c.get_seq_length()))
-        out.append(step(cache, out[-1].argmax(-1)))
-        G.reserve(cache, 64)
-        cache.batch_repeat_interleave(2)  # (1, H, T, D) -> (2, H, T, D)
-        out.append(step(cache, torch.tensor([5, 9])))
-        with torch.inference_mode():  # as the sampler does it; eval.py's forwards then write under no_grad
-            cache.batch_select_indices(torch.tensor([1]))
-        cache.crop(-4)
-        with torch.no_grad():
-            out.append(model(input_ids=torch.tensor([[3]]), position_ids=torch.tensor([[cache.get_seq_length()]]),
-                             **G.cache_kwargs(model, cache), use_cache=True).logits[:, -1])
-        twin = copy.deepcopy(cache)
-        out.append(step(twin, torch.tensor([7])))
-        out.append(step(cache, torch.tensor([8])))  # the original, unchanged by the copy's step
-        return out, [(layer.keys, layer.values) for layer in cache.layers]
-
-    ours, ours_kv = run(G.GrowingLayer)
-    theirs, theirs_kv = run(DynamicLayer)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for (k, v), (k2, v2) in zip(ours_kv, theirs_kv):
-        assert k.shape == k2.shape == (1, k.shape[1], ids.shape[1], k.shape[3])  # T + 1 + 1 - 4 + 1 + 1
-        torch.testing.assert_close(k, k2, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(v, v2, rtol=1e-12, atol=1e-12)
-    assert ours_kv[0][0].untyped_storage().nbytes() >= 64 * ours_kv[0][0][0, :, :1].numel() * 8  # reserved room
+def plain_attention(q, k, v, visible):
+    """The textbook softmax attention in float64, each query head reading its kv head (q_head // group); visible
+    (B, Tq, Tk) bool."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scores = (q @ k.transpose(-1, -2)) * 0.3
+    return scores.masked_fill(~visible[:, None], -math.inf).softmax(-1) @ v
 
 
-def test_document_prefix_seeded_from_its_first_chunk(tiny_models):
-    """generate_with_prefix_cache seeded from a prefill_prefixes row ([template; C_S^0], which begins [template;
-    C_L]) decodes the tokens of the unseeded run (float64), prefilling only what the row does not share; rows that
-    share only the template seed that much, and an empty start seeds nothing."""
-    model, tok = load(tiny_models["llama"], torch.float64)
-    rng = random.Random(12)
-    doc = words(rng, 160)
-    first = doc[:doc.index(" ", len(doc) // 3)]  # the opening chunk's text; the tokenizer may split it otherwise
-    prompts = [longpo.render_chat(tok, [doc + "\n\n" + q])[0] for q in ("what is it", "who sat there")]
-    p = G.common_prefix_len(prompts)
-    G.STATS.clear()
-    plain = G.generate_with_prefix_cache(model, prompts, [], 8, group=2)
-    assert G.STATS["prefill_tokens"] == p + sum(len(q) - p for q in prompts)
-    for chunks, least in (([words(rng, 120), first], 0.25 * p), ([words(rng, 30)], 1)):  # first: left padded
-        cache, cached = G.prefill_prefixes(model, [longpo.render_chat(tok, [c])[0][:-3] for c in chunks], 16)
-        shared = max(G.common_prefix_len([c, prompts[0]]) for c in cached)
-        assert least <= shared < p
-        G.STATS.clear()
-        assert G.generate_with_prefix_cache(model, prompts, [], 8, group=2, prefill_chunk=16,
-                                            start=(cache, cached)) == plain
-        assert G.STATS["seeded_tokens"] == shared
-        assert G.STATS["prefill_tokens"] == p - shared + sum(len(q) - p for q in prompts)
-        seeded, fresh = G.new_cache(model), G.new_cache(model)
-        assert G.seed_prefix(seeded, cache, cached, prompts[0][:p]) == shared
-        G.prefill(model, torch.tensor([prompts[0][:shared]]), fresh, 16)
-        for a, b in zip(seeded.layers, fresh.layers):  # the seeded entries are a prefill's of the shared tokens
-            torch.testing.assert_close(a.keys, b.keys, rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(a.values, b.values, rtol=1e-10, atol=1e-10)
-    assert G.seed_prefix(G.new_cache(model), cache, [], prompts[0]) == 0
+def test_attention_over_a_prefix_merges_two_softmaxes_exactly():
+    """attention_lse over a shared prefix row (rows' queries side by side), over per-row prefixes with padding,
+    and over a causal suffix, in key blocks of every size, merged by merge_attention, equals one plain softmax
+    attention over [prefix; suffix] (float64, 1e-12), for even and uneven GQA shares; a query that sees no key of a
+    part gets weight 0 for it."""
+    torch.manual_seed(0)
+    B, Tp, Ts, D = 3, 11, 4, 8
+    for h, hkv, q_to_kv in ((4, 2, torch.tensor([0, 0, 1, 1])), (3, 2, torch.tensor([0, 0, 1]))):
+        q = torch.randn(B, h, Ts, D, dtype=torch.float64)
+        pk, pv = torch.randn(B, hkv, Tp, D, dtype=torch.float64), torch.randn(B, hkv, Tp, D, dtype=torch.float64)
+        sk, sv = torch.randn(B, hkv, Ts, D, dtype=torch.float64), torch.randn(B, hkv, Ts, D, dtype=torch.float64)
+        pre_valid = torch.arange(Tp)[None] < torch.tensor([11, 6, 0])[:, None]  # row 2 reads no prefix key
+        causal = longpo._lower_right(Ts, Ts, "cpu")[None].expand(B, Ts, Ts)
+        # kv heads as plain_attention reads them: an uneven share maps its query heads itself
+        expand = (lambda x: x.index_select(1, q_to_kv)) if h % hkv else (lambda x: x)
+        want = plain_attention(q, expand(torch.cat([pk, sk], 2)), expand(torch.cat([pv, sv], 2)),
+                               torch.cat([pre_valid[:, None].expand(B, Ts, Tp), causal], 2))
+        for budget in (1, 7, 1 << 20):  # key blocks of one key, a few keys, all keys
+            out, lse = longpo.attention_lse(q, pk, pv, q_to_kv, 0.3, pre_valid, causal=False, budget=budget)
+            assert torch.isinf(lse[2]).all() and (out[2] == 0).all()
+            merged, _ = longpo.merge_attention(out, lse, *longpo.attention_lse(q, sk, sv, q_to_kv, 0.3, None,
+                                                                                causal=True, budget=budget))
+            torch.testing.assert_close(merged, want, rtol=1e-12, atol=1e-12)
+        # one prefix row shared by every row: read once, the rows' queries side by side
+        want = plain_attention(q, expand(pk[:1].expand(B, -1, -1, -1)), expand(pv[:1].expand(B, -1, -1, -1)),
+                               torch.ones(B, Ts, Tp, dtype=torch.bool))
+        out, _ = longpo.attention_lse(q, pk[:1], pv[:1], q_to_kv, 0.3, None, causal=False, budget=5)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
 def test_generation_over_chunk_prefixes_equals_fresh_prefills(tiny_models):
-    """generate_tokens over a prefill_prefixes cache (rows of uneven length, padded between the cached prefix and
-    the prompt; one row's cached tokens reaching past what its prompt shares, so masked) gives the tokens of fresh
-    prefills (float64: no near-tie can flip), rows stopping at their EOS, and leaves the cache as it was."""
+    """generate_tokens over a prefill_prefixes cache (rows of uneven length; one row's cached tokens reaching past
+    what its prompt shares, so masked) gives the tokens of fresh prefills (float64: no near-tie can flip), rows
+    stopping at their EOS, and leaves the cache as it was."""
     model, tok = load(tiny_models["llama"], torch.float64)
     rng = random.Random(8)
     chunks = [words(rng, n) for n in (25, 90, 60)]
@@ -1099,16 +1124,16 @@ def test_generation_over_chunk_prefixes_equals_fresh_prefills(tiny_models):
     alone = longpo.render_chat(tok, [chunks[0]])[0]  # as build_record: what the prompt shares with the chunk alone
     prefixes = [prompts[0][:G.common_prefix_len([prompts[0], alone])], longpo.render_chat(tok, [chunks[1]])[0],
                 longpo.render_chat(tok, [chunks[2] + "\n\nRead the text"])[0][:-1]]
-    cache, cached = G.prefill_prefixes(model, prefixes, prefill_chunk=16)
+    cache, cached = G.prefill_prefixes(model, prefixes)
     past_mask, _ = G.read_prefixes(cached, prompts)
     assert (past_mask.sum(1) < torch.tensor([len(c) for c in cached])).tolist() == [False, True, True]  # masked
-    keys = [layer.keys.clone() for layer in cache.layers]
+    keys = [k.clone() for k in cache.k]
     fresh = [G.generate_tokens(model, [p], [], 10)[0] for p in prompts]
     for eos in ([], [fresh[1][0][2]]):
         fresh = [G.generate_tokens(model, [p], eos, 10)[0] for p in prompts]
-        assert G.generate_tokens(model, prompts, eos, 10, prefill_chunk=5, cache=cache, cached=cached) == fresh
+        assert G.generate_tokens(model, prompts, eos, 10, cache=cache, cached=cached) == fresh
     assert any(f for _, f in fresh) and not all(f for _, f in fresh)  # a row stopped early, another did not
-    assert all(torch.equal(layer.keys, k) for layer, k in zip(cache.layers, keys))  # the cache as it was
+    assert all(torch.equal(k, k2) for k, k2 in zip(cache.k, keys))  # the cache as it was: only read
 
 
 def test_nucleus_kept_set_equals_transformers_top_p():
@@ -1189,7 +1214,7 @@ def test_long_rope_theta_changes_only_the_rejected_branch(tiny_models):
     base = record_of(gen_cfg(), model, tok, text)[0]
     rec = record_of(gen_cfg(long_rope_theta=50.0), model, tok, text)[0]
     assert torch.equal(model.model.rotary_emb.inv_freq, own)  # the model's own base is back afterwards
-    long_model = longpo.load_model(path, torch.float32, "sdpa", rope_theta=50.0)[0].eval()
+    long_model = longpo.load_model(path, torch.float32, "longpo", rope_theta=50.0)[0].eval()
     assert not torch.equal(long_model.model.rotary_emb.inv_freq, own)
     prompts = [longpo.render_chat(tok, [text + "\n\n" + t["instruction"]])[0] for t in rec["turns"]]
     expect = G.generate_with_prefix_cache(long_model, prompts, [tok.eos_token_id], 12)
@@ -1428,7 +1453,7 @@ def test_bad_corpus_messages(tmp_path, tiny_models):
 def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, dtype, tol):
     """log πS(y | C_S, I) from [I; y] fed over the chunks' cache equals longpo.response_logps' full forward over
     [C_S; I; y], for several turns of uneven chunk lengths in one batch (one row's cached tokens reaching past what
-    its sequence shares), chosen then rejected over the same cache, with a chunked prefill."""
+    its sequence shares), chosen then rejected over the same cache, which is only read."""
     if dtype == torch.float64:
         exact_rmsnorm(monkeypatch)
     model, tok = load(tiny_models["llama"], dtype)
@@ -1437,14 +1462,14 @@ def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, d
     users = [c + "\n\n" + "what " + words(rng, rng.randint(2, 8)) for c in chunks]
     prefixes = [longpo.render_chat(tok, [c])[0] for c in chunks]
     prefixes[1] = longpo.render_chat(tok, [chunks[1] + "\n\nRead the text above"])[0][:-1]
-    cache, cached = G.prefill_prefixes(model, prefixes, prefill_chunk=16)
-    past = cache.get_seq_length()
+    cache, cached = G.prefill_prefixes(model, prefixes)
+    keys = [k.clone() for k in cache.k]
     for lengths in ((5, 30, 12, 1), (22, 3, 9, 17)):  # chosen, then rejected
         messages = [[u, words(rng, n)] for u, n in zip(users, lengths)]
         got = G.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m) for m in messages],
-                                      prefill_chunk=16, budget=7 * model.config.vocab_size)
+                                      budget=7 * model.config.vocab_size)
         want = torch.cat([longpo.response_logps(model, tok, m) for m in messages])
-        assert got.dtype == torch.float64 and cache.get_seq_length() == past
+        assert got.dtype == torch.float64 and all(torch.equal(k, k2) for k, k2 in zip(cache.k, keys))
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     # by default the head runs in chunks of longpo's logit budget (budget // V rows), not a row at a time
     rows = []
@@ -1455,22 +1480,21 @@ def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, d
 
 
 def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
-    """build_record with each chunk prefilled once gives the record of the path that prefills it four times
-    (share_chunks=False: fresh pools and chosen answers, longpo.response_logps per reference), in float64 to
-    1e-10, with fewer prefill tokens; the stages' seconds are counted."""
+    """build_record (each chunk filled once, the document once for all its answers, references over the chunks'
+    cache) gives the record of the plain recipe (bench.unshared_record: fresh prefills for every use, a full
+    forward per reference) in float64 to 1e-10, with fewer prefill tokens; the stages' seconds are counted."""
     exact_rmsnorm(monkeypatch)
     model, tok = load(tiny_models["llama"], torch.float64)
     text = words(random.Random(20), 300)
-    out = {}
-    for share in (False, True):
-        G.STATS.clear()
-        out[share] = record_of(gen_cfg(), model, tok, text, share_chunks=share), G.STATS["prefill_tokens"]
-        assert all(G.STATS[k + "_s"] > 0 for k in G.STAGES)
-        seeded = G.STATS["seeded_tokens"]
-    (old, old_counts), old_tokens = out[False]
-    (new, new_counts), new_tokens = out[True]
-    assert old_counts == new_counts and len(new["turns"]) >= 2 and new_tokens < old_tokens
-    assert new["turns"][0]["chunk"][0] == 0 and seeded > 60  # the document's cache began as its first chunk's
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    G.STATS.clear()
+    old, old_counts, _ = bench.unshared_record(gen_cfg(), model, tok, [tok.eos_token_id], 0, "test", text, offsets,
+                                               "tiny")
+    old_tokens = G.STATS["prefill_tokens"]
+    G.STATS.clear()
+    new, new_counts = record_of(gen_cfg(), model, tok, text)
+    assert all(G.STATS[k + "_s"] > 0 for k in G.STAGES)
+    assert old_counts == new_counts and len(new["turns"]) >= 2 and G.STATS["prefill_tokens"] < old_tokens
     assert same_turns(new["turns"], old["turns"], tol=1e-10) and new["meta"] == old["meta"]
 
 
@@ -1498,7 +1522,7 @@ def pipeline(tmp_path_factory, tiny_models):
             f.write(json.dumps({"text": words(rng, n)}) + "\n")
     args = ["--model", path, "--corpus", str(corpus), "--max_len", "640", "--chunk_tokens", "96",
             "--min_chunk_tokens", "16", "--chunks_per_doc", "3", "--pool_max_new_tokens", "24",
-            "--max_new_tokens", "24", "--long_group", "2"]
+            "--max_new_tokens", "24"]
     return d, path, args
 
 
@@ -1574,11 +1598,115 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     sharded = d / "sharded.jsonl"
     torchrun(2, "generate.py", *args, "--out", sharded)
     assert sharded.read_bytes() == ref.read_bytes()
-    assert len(os.listdir(d / "sharded.jsonl.parts")) == 3  # config.json and one part per rank
+    assert sorted(os.listdir(d / "sharded.jsonl.parts")) == ["config.json", "rank-00000.done", "rank-00000.jsonl",
+                                                             "rank-00001.done", "rank-00001.jsonl"]  # a part and
+    # its done mark a rank
     # ... and under torchrun every rank stops on the refusal (rank 0 decides, the others hear it from it)
     with pytest.raises(AssertionError) as refused:
         torchrun(2, "generate.py", *args, "--out", sharded, "--seed", 1, timeout=120)
     assert str(refused.value).count("holds documents generated with other settings") == 1  # printed once
+
+
+SLOW_RANK0 = """import os, runpy, sys, time
+import longpo
+real = longpo.validate_record
+def slow(record, where, *a, **k):  # the end of build_record: rank 0 held back at its last document
+    if os.environ.get("RANK") == "0" and where.startswith("document " + sys.argv[1] + " "):
+        time.sleep(12)
+    return real(record, where, *a, **k)
+longpo.validate_record = slow
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_generate_groups_finishing_apart_join_through_files(pipeline, tmp_path):
+    """Two dp groups, rank 0 finishing its documents 12 s after rank 1, under a process-group timeout of 6 s:
+    rank 1 waits on the groups' .done files, not in a collective, and the merged file is the one-process file."""
+    d, path, args = pipeline
+    ref = tmp_path / "ref.jsonl"
+    run_generate(*args, "--out", ref)
+    slow = tmp_path / "slow.py"
+    slow.write_text(SLOW_RANK0)
+    out = tmp_path / "two.jsonl"
+    log = torchrun(2, slow, 4, "generate.py", *args, "--out", out, "--timeout_min", 0.1)  # document 4: rank 0's last
+    assert out.read_bytes() == ref.read_bytes() and "wrote" in log
+
+
+@pytest.fixture(scope="module")
+def heads93(tmp_path_factory):
+    """A tiny Llama with SmolLM2's 9 query and 3 kv heads (uneven shares at P = 2), frequent tokens as EOS, and
+    three documents."""
+    from transformers import GenerationConfig
+    d = tmp_path_factory.mktemp("h93")
+    path = make_model(str(d / "model"), family="llama", heads=9, kv_heads=3, hidden=36, seed=4)
+    model, tok = load(path)
+    free = G.generate_tokens(model, prompts_of(tok, (8, 20, 30, 14), seed=9), [tok.eos_token_id], 30)
+    common = sorted({t for toks, _ in free for t in toks}, key=lambda t: -sum(x.count(t) for x, _ in free))
+    gc = GenerationConfig.from_pretrained(path)
+    gc.eos_token_id = [tok.eos_token_id] + common[:4]
+    gc.save_pretrained(path)
+    rng = random.Random(2)
+    with open(d / "corpus.jsonl", "w") as f:
+        for n in (250, 300, 280):
+            f.write(json.dumps({"text": words(rng, n)}) + "\n")
+    return d, path
+
+
+def test_sequence_parallel_generation_writes_the_records_of_one_rank(heads93):
+    """generate.py with each document spread over 2 and 3 ranks (9 query / 3 kv heads: uneven head shares, a kv
+    head on two ranks) writes the records of one process: the same pools, instructions, chosen and rejected
+    answers, the reference log-probs to float64 rounding; at sp 2 x dp 1 and at dp 2 alike; and a run killed after
+    a document resumes to the same file."""
+    d, path = heads93
+    args = ["generate.py", "--model", path, "--corpus", d / "corpus.jsonl", "--max_len", "640", "--chunk_tokens",
+            "96", "--min_chunk_tokens", "16", "--chunks_per_doc", "3", "--pool_max_new_tokens", "24",
+            "--max_new_tokens", "16", "--dtype", "float64"]
+    torchrun(1, "test_longpo.py", "exact", *args, "--out", d / "one.jsonl")
+    want = longpo.read_records(str(d / "one.jsonl"))
+    assert len(want) >= 2 and sum(len(r["turns"]) for r in want) >= 3
+    for nproc, sp in ((2, 2), (3, 3), (2, 1)):
+        out = d / f"sp{sp}x{nproc // sp}.jsonl"
+        torchrun(nproc, "test_longpo.py", "exact", *args, "--sp", sp, "--out", out)
+        got = longpo.read_records(str(out))
+        assert [answers(r) for r in got] == [answers(r) for r in want], (nproc, sp)
+        for a, b in zip(got, want):
+            assert same_turns(a["turns"], b["turns"], tol=1e-10), (nproc, sp)
+    # killed after its first document (LONGPO_STOP_AFTER stands in for the kill: the part is flushed per document)
+    out = d / "resumed.jsonl"
+    env = {"LONGPO_STOP_AFTER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(random.randint(20000, 60000)), "test_longpo.py", "exact", *map(str, args), "--sp", "2", "--out",
+           str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE, **env})
+    assert p.returncode == 0 and not out.exists(), p.stderr[-2000:]
+    torchrun(2, "test_longpo.py", "exact", *args, "--sp", 2, "--out", out)
+    assert out.read_bytes() == (d / "sp2x1.jsonl").read_bytes()
+
+
+def test_document_generation_builds_no_mask_and_copies_no_kv_heads(tiny_models, monkeypatch):
+    """Through an unpadded document's record (its chunks, pools, answers, the document, its answers, the
+    references), every SDPA call (the prefills) gets no mask and the model's kv heads as they are, and every
+    decoding attention reads kv heads as they are: nothing is materialised but the scores themselves."""
+    model, tok = load(tiny_models["llama"])
+    kv_heads = model.config.num_key_value_heads
+    calls, plain = [], []
+    real_sdpa, real_lse = torch.nn.functional.scaled_dot_product_attention, longpo.attention_lse
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask, k.shape[1], v.shape[1], kw.get("is_causal"), q.shape[2] == k.shape[2]))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    def lse(q, k, v, *a, **kw):
+        plain.append(k.shape[1])
+        return real_lse(q, k, v, *a, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(longpo, "attention_lse", lse)
+    rec, _ = record_of(gen_cfg(), model, tok, words(random.Random(20), 300))
+    assert rec is not None and len(calls) >= 4 * model.config.num_hidden_layers and plain
+    assert all(mask is None and k == v == kv_heads and causal and square for mask, k, v, causal, square in calls)
+    assert set(plain) == {kv_heads}
 
 
 def test_a_document_that_cannot_be_rendered_is_skipped(pipeline, tmp_path, monkeypatch, capsys):
@@ -1618,7 +1746,7 @@ def tiny64(tmp_path_factory):
     """A tiny Mistral in float64, and its tokenizer."""
     d = str(tmp_path_factory.mktemp("m64"))
     make_model(d)
-    model, tokenizer = longpo.load_model(d, torch.float64, "sdpa")
+    model, tokenizer = longpo.load_model(d, torch.float64, "longpo")
     return model.eval(), tokenizer
 
 
@@ -1718,7 +1846,7 @@ def test_option_logliks_equal_direct(tiny64):
     model, tok = tiny64
     prompt = longpo.render_chat(tok, ["the cat sat on a mat by the river, what is the key"])[0]
     options = [tok(o, add_special_tokens=False)["input_ids"] for o in ("blue", "the red stone", "x", "apple tree")]
-    got = E.option_logliks(model, prompt, options, prefill_chunk=7)  # several prefill chunks
+    got = E.option_logliks(model, prompt, options)
     with torch.no_grad():
         want = [direct_logps(model, prompt + o)[len(prompt) - 1:].sum().item() for o in options]
     assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
@@ -1786,7 +1914,7 @@ def test_long_context_scores_decoded_outputs(tiny64, monkeypatch):
     model, tok = tiny64
     calls = []
 
-    def echo(model, prompts, eos_ids, max_new_tokens, temperature, prefill_chunk):
+    def echo(model, prompts, eos_ids, max_new_tokens, temperature, group):
         calls.append((len(prompts), temperature, max_new_tokens))
         return [(p if j == 0 else [], j == 0) for j, p in enumerate(prompts)]
 
@@ -1917,6 +2045,70 @@ def test_end_to_end_tiny_models(tmp_path):
 # the whole method: generate -> train at sp = 2 -> evaluate, and a checkpoint as the next round's πS
 
 
+def eval_tables(stdout):
+    """The tables eval.py prints, without the wall time."""
+    return [line for line in stdout[stdout.index("RULER-like"):].splitlines()
+            if not line.startswith(("wall time", "wrote"))]
+
+
+def test_eval_spread_over_ranks_prints_the_table_of_one_process(heads93, tmp_path):
+    """eval.py with each sample spread over 2 ranks (sp 2: 9 query / 3 kv heads, uneven shares) and with samples
+    split over 2 dp groups prints the tables of one process, float64: every generated answer, option
+    log-likelihood, NLL and KL the same."""
+    d, path = heads93
+    other = make_model(str(tmp_path / "other"), family="llama", heads=9, kv_heads=3, hidden=36, seed=5)
+    short = make_records(str(tmp_path / "short.jsonl"), n=3)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": f"what is {w}", "choices": ["red", "blue stone", "one tree"],
+                                      "answer": j % 3}) + "\n" for j, w in enumerate(["sun", "moon", "key"])))
+    args = ["eval.py", "--models", f"a={path}", f"b={other}", "--lengths", "512", "--tasks", "niah_single", "vt",
+            "mc_records", "--samples", "3", "--batch", "2", "--max_new_tokens", "6", "--short_data", short, "--mc",
+            mc, "--dtype", "float64"]
+    one = torchrun(1, "test_longpo.py", "exact", *args, "--json", tmp_path / "one.json")
+    for nproc, sp in ((2, 2), (2, 1)):
+        got = torchrun(nproc, "test_longpo.py", "exact", *args, "--sp", sp, "--json", tmp_path / f"{sp}.json")
+        assert eval_tables(got) == eval_tables(one), (nproc, sp)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "2.json"))
+    for name in ("a", "b"):
+        for task in ("niah_single", "vt", "mc_records"):
+            a, b = one["models"][name]["long"][task]["512"], two["models"][name]["long"][task]["512"]
+            assert [s["pred"] for s in a["samples"]] == [s["pred"] for s in b["samples"]]
+            if task == "mc_records":
+                assert [x for s in a["samples"] for x in s["logliks"]] == pytest.approx(
+                    [x for s in b["samples"] for x in s["logliks"]], rel=1e-10)
+
+
+def test_eval_killed_mid_sweep_resumes_its_cells(tiny, tmp_path):
+    """eval.py killed (SIGKILL) once some cells are saved, then rerun with the same flags: the finished cells are
+    read back, not computed again, and the JSON equals an uninterrupted run's (but the wall time)."""
+    import signal
+    import time as clock
+    args = [sys.executable, "eval.py", "--models", f"a={tiny / 'model'}", f"b={tiny / 'tied'}", "--lengths", "512",
+            "700", "--tasks", "niah_single", "vt", "--samples", "2", "--max_new_tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    full = subprocess.run(args + ["--json", str(tmp_path / "full.json")], capture_output=True, text=True, env=env,
+                          cwd=HERE, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    cells = tmp_path / "cut.json.cells.jsonl"
+    p = subprocess.Popen(args + ["--json", str(tmp_path / "cut.json")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+    while p.poll() is None and (not cells.exists() or cells.read_text().count("\n") < 3):
+        clock.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    saved = cells.read_text().count("\n")
+    assert 3 <= saved < 8 and not (tmp_path / "cut.json").exists()  # 2 models x 2 tasks x 2 lengths: cut midway
+    rerun = subprocess.run(args + ["--json", str(tmp_path / "cut.json")], capture_output=True, text=True, env=env,
+                           cwd=HERE, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{saved} cell(s) already in {cells}: not computed again" in rerun.stdout
+    assert rerun.stdout.count(" tokens: score ") == 8 - saved  # only the rest was computed
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("full.json", "cut.json"))
+    for rep in (a, b):
+        del rep["wall_s"], rep["config"]["json"]
+    assert a == b
+
+
 def test_end_to_end_generate_train_eval(pipeline, tmp_path):
     """A tiny model writes its own preference data, trains on it under torchrun at sp = 2, is evaluated against
     itself before training; then the checkpoint is a valid --model for generate.py (round 2's πS)."""
@@ -1960,8 +2152,19 @@ def test_end_to_end_generate_train_eval(pipeline, tmp_path):
     assert all(json.loads(x)["meta"]["model"] == ckpt for x in open(round2) if x.strip())
 
 
+def exact(script, *args):
+    """Runs a script of the project (under torchrun: each rank) with exact_rmsnorm: float64 runs that are compared
+    across layouts then differ by float64 rounding only."""
+    import runpy
+    exact_rmsnorm()
+    sys.argv = [script, *args]
+    runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+
+
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     worker(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "exact":
+    exact(*sys.argv[2:])
 
 
 # -----------------------------------------------------------------------------
@@ -2200,7 +2403,7 @@ def test_generate_corpus_and_flags(tmp_path):
         with pytest.raises(SystemExit, match=message):
             G.read_corpus(str(corpus))
     assert G.remove_specials("x<|im_<|im_end|>end|>y<|im_end|>", ["<|im_end|>"]) == ("xy", 3)
-    for flag in (["--chunk_tokens", "-1"], ["--pool_temperature", "-1"], ["--prefill_chunk", "0"],
+    for flag in (["--chunk_tokens", "-1"], ["--pool_temperature", "-1"], ["--sp", "-1"], ["--chunk_cap", "0"],
                  ["--response_top_p", "0"], ["--rep_ratio_rejected", "1.5"], ["--long_rope_theta", "-1"]):
         p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
                            capture_output=True, text=True, cwd=HERE, timeout=120)
