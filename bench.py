@@ -567,6 +567,101 @@ def bench_logits_memory(T=8192, V=32768, d=576, budget=longpo.Config.logp_budget
 
 
 # -----------------------------------------------------------------------------
+# the memory plan against what the code allocates (CPU, fp32, one process: the element counts a GPU's plan scales)
+
+
+def _hwm():
+    """Peak RSS since the last _reset_hwm, in bytes (Linux: VmHWM, reset through clear_refs)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+def _reset_hwm():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_above(fn):
+    """Run fn; return (its peak RSS above the RSS before it, fn's result)."""
+    base = current_rss()
+    _reset_hwm()
+    out = fn()
+    return _hwm() - base, out
+
+
+def _plan_run(spec):
+    """In a fresh process (glibc told to give large blocks back, so RSS follows live tensors): a random Llama of
+    spec["shape"], vocab spec["V"], float32 on the CPU, the same stage the plan counts. Returns measured bytes by
+    the plan's term names: exact sums of tensors where a term is a set of tensors, peak RSS above the level before
+    where it is a transient."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model("llama", vocab_size=spec["V"], max_position_embeddings=1 << 20, **spec["shape"])
+    torch.manual_seed(0)
+    longpo.register_attention()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="longpo")
+    T, out = spec["tokens"], {"weights": sum(p.nbytes for p in model.parameters())}
+    if spec["stage"] == "generate":
+        model.eval()
+        ids = torch.randint(0, spec["V"], (1, T))
+        generate.fill(model, generate.new_cache(model, 1, 65), ids[:, :64])  # warm-up: the libraries' own buffers
+        cache = generate.new_cache(model, 1, T + 1)
+        out["document cache"] = sum(x.nbytes for x in cache.k + cache.v)
+        out["document prefill"] = _peak_above(lambda: generate.fill(model, cache, ids))[0]
+        return out
+    tok = longpo.load_tokenizer("")
+    assert len(tok) == spec["V"], "train: V must be the embedded tokenizer's vocabulary (records are text)"
+    cfg = longpo.Config(grad_ckpt=True, logp_budget=spec["budget"], loss=spec.get("loss", "longpo"))
+    env = longpo.SimpleNamespace(sp=1, sp_rank=0, sp_group=None, device=torch.device("cpu"))
+    policy = longpo.build_policy(cfg, env, model)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-6)
+    packed = longpo.pack_record(tok, synthetic_record(tok, T - 2 * spec["branch"], spec["branch"]),
+                                longpo._branches(cfg))
+    longpo.record_loss(cfg, policy, packed, env)[0].backward()  # a step first: gradients and Adam state exist
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    out["gradients"] = sum(p.grad.nbytes for p in policy.parameters())
+    out["optimizer state"] = sum(v.nbytes for st in optimizer.state.values() for v in st.values() if v.dim())
+    params, saved = {p.untyped_storage().data_ptr() for p in policy.parameters()}, {}
+
+    def keep(x):  # what the forward saves for the backward, parameters aside
+        if x.untyped_storage().data_ptr() not in params:
+            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+        loss = longpo.record_loss(cfg, policy, packed, env)[0]
+    out["checkpointed activations"] = sum(saved.values())
+    out["backward transients"] = _peak_above(loss.backward)[0]  # above the forward's level: its saved tensors
+    out["tokens"] = packed["input_ids"].numel()
+    return out
+
+
+def plan_against_measured(stage, shape, V, tokens, branch=128, budget=1 << 22, loss="longpo"):
+    """Each plan term this CPU can measure, planned (memory_plan at sp 1 in float32) against measured (_plan_run,
+    a fresh process): rows (term, planned bytes, measured bytes)."""
+    got = _spawn({"kind": "plan", "stage": stage, "shape": shape, "V": V, "tokens": tokens, "branch": branch,
+                  "budget": budget, "loss": loss})
+    config = {"model_type": "llama", "vocab_size": V, **shape}
+    planned = dict((name, b) for name, b, _ in longpo.memory_plan(
+        config, stage, got.get("tokens", tokens), dtype="float32", budget=budget))
+    return [(term, planned[term], got[term]) for term in got if term in planned]
+
+
+def bench_memory_plan(cfg):
+    """The plan's terms against what the code allocates, a ~60M-parameter Llama (SmolLM2's vocabulary) at a few
+    lengths: generation's document cache and prefill, training's weights, gradients, Adam state, checkpointed
+    activations and backward transients."""
+    shape = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2)
+    rows = []
+    for stage, tokens in (("generate", 2048), ("generate", 8192), ("train", 2048), ("train", 6144)):
+        for term, planned, measured in plan_against_measured(stage, shape, 49152, tokens):
+            rows.append({"stage": stage, "tokens": tokens, "term": term, "planned_mb": round(planned / 2**20, 2),
+                         "measured_mb": round(measured / 2**20, 2), "ratio": round(planned / measured, 3)})
+            print_row(rows[-1])
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -584,6 +679,7 @@ SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when 
     "kv_cache": lambda c: bench_kv_cache(c.model, repeats=c.repeats),
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
     "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats, doc=c.stages_doc),
+    "memory_plan": bench_memory_plan,
     "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
 }
 
@@ -615,7 +711,8 @@ def machine():
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":  # a measurement in a fresh process (see _spawn)
         spec = json.loads(sys.argv[2])
-        result = _logits_run(spec) if spec.get("kind") == "logits" else _one_step_run(spec)
+        kind = spec.get("kind")
+        result = _logits_run(spec) if kind == "logits" else _plan_run(spec) if kind == "plan" else _one_step_run(spec)
         longpo.print0(json.dumps(result))  # rank 0 only: every rank holds the same (max-reduced) figures
     else:
         main(sys.argv[1:])

@@ -85,7 +85,9 @@ class EvalConfig:
     task_file: str = ""  # JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join --tasks
     samples: int = checked(1, lambda x: x >= 1)  # samples per task and length (RULER uses 500; 1 keeps the CPU run
                                                  # to minutes)
-    batch: int = checked(4, lambda x: x >= 1)  # samples decoded together (each reads its own prompt's cache)
+    batch: int = checked(0, lambda x: x >= 0)  # samples decoded together (each reads its own prompt's cache); 0 =
+                                               # the most the memory plan fits on the GPU at the longest length
+                                               # (at most 8), 4 on a CPU
     max_new_tokens: int = checked(0, lambda x: x >= 0)  # cap on generated tokens a sample; 0 = 2 x reference-answer
                                                         # tokens + 16
     seed: int = 0  # every haystack, needle and option derives from it
@@ -100,6 +102,8 @@ class EvalConfig:
     sp: int = checked(1, lambda x: x >= 0)  # ranks one sample is spread over (its cache split by heads); dp =
                                             # world / sp groups split each cell's samples; 0 = all ranks
     timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
+    plan: bool = False  # print the memory plan of each model at the longest length (a GPU's bytes) and exit
+    plan_check: bool = True  # refuse, before a model loads, a sweep whose plan does not fit its GPUs
 
 
 # -----------------------------------------------------------------------------
@@ -797,10 +801,41 @@ def tables(report, lengths, threshold):
 # -----------------------------------------------------------------------------
 # main
 
+def eval_plan(cfg, path, sp, dtype, length, batch):
+    """The memory plan of one model's sweep at its longest length (longpo.memory_plan's "eval" stage)."""
+    config = longpo.AutoConfig.from_pretrained(path or longpo.default_model_dir())
+    return longpo.memory_plan(config, "eval", length, sp, batch=batch, dtype=dtype, answer=cfg.max_new_tokens or 64)
+
+
+def plan_batch(cfg, models, env, dtype, length):
+    """--batch, or 0 resolved: the most samples (at most 8) whose plan fits the GPU at the longest length for every
+    model; 4 on a CPU. The run is refused when even one does not fit (unless --plan_check false)."""
+    if cfg.batch:
+        batch = cfg.batch
+    elif env.device.type != "cuda":
+        batch = 4
+    else:
+        have = torch.cuda.get_device_properties(env.device).total_memory
+        fits = [b for b in range(1, 9) if all(eval_plan(cfg, p, env.sp, dtype, length, b)[-1][1] <= have
+                                              for _, p in models)]
+        batch = max(fits, default=1)
+    for name, path in models:
+        longpo.check_plan(f"evaluation of {name}", eval_plan(cfg, path, env.sp, dtype, length, batch), env.device,
+                          not cfg.plan_check)
+    return batch
+
+
 def main(cfg):
     t_start = time.time()
-    env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     lengths = parse_lengths(cfg.lengths)
+    if cfg.plan:  # no process group, no weights: each model's plan at the longest length, for a GPU in bf16
+        sp, dtype = cfg.sp or int(os.environ.get("WORLD_SIZE", 1)), "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+        for name, path in resolve_models(cfg):
+            print0(longpo.format_plan(f"evaluation of {name}, a GPU's memory ({max(lengths)} tokens over sp {sp} "
+                                      f"rank(s), batch {cfg.batch or 1}, {dtype})",
+                                      eval_plan(cfg, path, sp, dtype, max(lengths), cfg.batch or 1)))
+        return None
+    env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     own = read_task_file(cfg.task_file) if cfg.task_file else {}
     cfg.tasks = resolve_tasks(cfg.tasks, own)
     for task in own:  # every swept length needs samples: a missing cell would be a silent gap in the table
@@ -822,8 +857,9 @@ def main(cfg):
     if pairs is None:
         print0("short-context NLL and KL skipped: pass --short_data FILE (a generate.py JSONL of held-out records)")
     dtype = longpo.inference_dtype(cfg.dtype, env.device)
+    cfg.batch = plan_batch(cfg, models, env, str(dtype)[6:], max(lengths))
     print0(f"world {env.world} = dp {env.dp} x sp {env.sp}: dp groups split each cell's samples, each sample spread "
-           f"over its group's {env.sp} rank(s)")
+           f"over its group's {env.sp} rank(s); batch {cfg.batch}")
     print0(json.dumps(dataclasses.asdict(cfg)))
     if os.path.dirname(cfg.json) and env.master:
         os.makedirs(os.path.dirname(cfg.json), exist_ok=True)

@@ -97,6 +97,9 @@ class GenConfig:
                                                          # (NCCL's default is 10): the last one waits for the merge
     dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # auto = bfloat16 on CUDA, float32 on CPU
     seed: int = 0  # per-document seeds derive from (seed, document index): sharding and resuming change nothing
+    plan: bool = False  # print this run's memory plan (a GPU's bytes, term by term; --model's config.json only)
+                        # and exit
+    plan_check: bool = True  # refuse, before the weights load, a run whose plan does not fit its GPUs
 
 
 # `python generate.py` with the embedded corpus: lengths scaled to SmolLM2's 8K window and a 2-core CPU. Flags given
@@ -104,7 +107,7 @@ class GenConfig:
 EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=4, pool_max_new_tokens=64,
                 max_new_tokens=160)
 # fields that do not change any document's record: a resumed run may differ in them
-RESUME_FREE = ("out", "max_docs", "corpus", "timeout_min",  # the corpus is compared by its contents
+RESUME_FREE = ("out", "max_docs", "corpus", "timeout_min", "plan", "plan_check",  # the corpus: by its contents
                "stop_after", "prefill_chunk", "long_group")  # fields of earlier versions
 
 
@@ -943,16 +946,22 @@ def main(argv):
     if not cfg.corpus:  # the embedded corpus: its defaults under the flags given (checked before anything is written)
         cfg = longpo.parse_config(GenConfig, argv, base=GenConfig(**EMBEDDED))
     stop_after = int(os.environ.get("LONGPO_STOP_AFTER", -1))  # tests: stop after N documents, unmerged (a crash)
+    config = longpo.AutoConfig.from_pretrained(cfg.model or longpo.default_model_dir())
+    if cfg.plan:  # no process group, no weights: the plan of the settings given, for a GPU in bf16
+        sp, dtype = cfg.sp or int(os.environ.get("WORLD_SIZE", 1)), "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+        chunk = cfg.chunk_tokens or min(cfg.chunk_cap, config.max_position_embeddings)
+        return longpo.print0(longpo.format_plan(f"generation, a GPU's memory (a document of {cfg.max_len} tokens "
+                                                f"over sp {sp} rank(s), chunks of {chunk}, {dtype})",
+                                                gen_plan(cfg, config, sp, dtype, chunk)))
     env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world} = dp {env.dp} x sp {env.sp}: dp groups split the documents, each document "
                   f"spread over its group's {env.sp} rank(s); corpus: {cfg.corpus or 'embedded synthetic'}")
     dtype = longpo.inference_dtype(cfg.dtype, env.device)
 
-    # model; the chunk size from πS's window (a chunk that cannot fit is refused before anything is written)
-    model, tokenizer = longpo.load_model(cfg.model, dtype, attn="longpo")  # the caches carry the group
-    model.to(env.device).eval()
-    window = model.config.max_position_embeddings
+    # the chunk size from πS's window (a chunk that cannot fit is refused before anything is written or loaded)
+    tokenizer = longpo.load_tokenizer(cfg.model)
+    window = config.max_position_embeddings
     longest, budgets = max_chunk_tokens(tokenizer, window, cfg)
     refusal = None
     if cfg.chunk_tokens > longest:
@@ -970,6 +979,9 @@ def main(argv):
         longpo.print0(f"--chunk_tokens {cfg.chunk_tokens} " + (f"(--chunk_cap), under what πS's window allows: "
                       f"{budgets}" if cfg.chunk_cap < longest else f"from πS's window: {budgets}"))
     longpo.print0(json.dumps(dataclasses.asdict(cfg)))
+    longpo.check_plan("generation", gen_plan(cfg, config, env.sp, str(dtype)[6:], cfg.chunk_tokens), env.device,
+                      not cfg.plan_check)
+    model = longpo.load_model(cfg.model, dtype, attn="longpo")[0].to(env.device).eval()  # the caches carry the group
     model_name = cfg.model or longpo.EMBEDDED_NAME
     eos_ids = eos_token_ids(model, tokenizer)
     if cfg.corpus:
@@ -1085,6 +1097,12 @@ def main(argv):
         print(f"the longest record is {longest} tokens as longpo.py renders it (document, turns, template): train "
               f"with --max_len {longest} or more", flush=True)
     longpo.teardown_distributed()
+
+
+def gen_plan(cfg, config, sp, dtype, chunk):
+    """The memory plan of generation (longpo.memory_plan's "generate" stage): documents of --max_len tokens."""
+    return longpo.memory_plan(config, "generate", cfg.max_len, sp, dtype=dtype, chunk=chunk, rows=cfg.chunks_per_doc,
+                              answer=cfg.max_new_tokens)
 
 
 def wait_for_files(paths, every=1.0):

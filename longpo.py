@@ -111,6 +111,9 @@ class Config:
                                                          # HF copy while the others wait
     max_bad_steps: int = checked(3, lambda x: x >= 1)  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
     resume: bool = False  # continue from the newest checkpoint in --out
+    plan: bool = False  # print this run's memory plan (a GPU's bytes, term by term; --model's config.json only) and
+                        # exit: a sequence of --max_len and a rejected branch of --max_len/16, --sp ranks a sequence
+    plan_check: bool = True  # refuse, before the weights load, a run whose plan does not fit its GPUs
 
 
 # -----------------------------------------------------------------------------
@@ -1166,10 +1169,16 @@ def load_model(path, dtype=torch.float32, attn="longpo", rope_theta=0.0, max_len
     else:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a model directory ("" = the embedded model), which must carry a chat template."""
+    path = path or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise SystemExit(f"--model {path}: the tokenizer has no chat template")
-    return model, tokenizer
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -1196,6 +1205,113 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS of the process (kB on Linux)
+
+
+# -----------------------------------------------------------------------------
+# the memory plan: each stage's bytes a GPU, term by term, worked out from a model's config.json and the run's
+# settings, by counting the tensors this code allocates (the tests compare the terms with what it allocates on CPU)
+
+
+def model_shape(config):
+    """The sizes a plan reads from a config (a transformers config, or a config.json as a dict), and the parameter
+    counts: all of them, one decoder layer's, and the root's (embedding, head, final norm)."""
+    c = config if isinstance(config, dict) else config.to_dict()
+    d, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    Hq, Hkv = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    D = c.get("head_dim") or d // Hq
+    bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)  # Qwen2's q, k, v carry a bias
+    layer = d * Hq * D * 2 + d * Hkv * D * 2 + 3 * d * I + 2 * d + (Hq + 2 * Hkv) * D * bias
+    root = V * d * (1 if c.get("tie_word_embeddings") else 2) + d
+    return SimpleNamespace(d=d, I=I, L=L, V=V, Hq=Hq, Hkv=Hkv, D=D, layer=layer, root=root, params=L * layer + root)
+
+
+def memory_plan(config, stage, tokens, sp=1, dp=1, batch=1, dtype="bfloat16", chunk=0, rows=0, answer=0,
+                optimizer="adam", budget=1 << 25):
+    """Per-GPU bytes of one stage as [(term, bytes, how it is counted)], the peak last. stage: "train" (tokens: the
+    longest packed sequence, prefix and both branches; FSDP2 over sp x dp ranks, fp32 master weights and Adam,
+    activations in dtype), "generate" (tokens: the document; chunk: its chunks' tokens, rows: chunks a document,
+    answer: the answer budget), "eval" (tokens: a sample's prompt; batch: samples decoded together). A sequence is
+    spread over sp ranks; a term for one decoder layer is the largest rank's share of the heads."""
+    m = model_shape(config)
+    e = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    t = -(-tokens // sp)  # a rank's positions of the sequence
+    shares = head_shares(m.Hq, m.Hkv, sp)
+    hq, hkv = max(len(x) for x in shares[0]), max(len(x) for x in shares[1])  # the largest share, kv copies included
+    qkv = (m.Hq + 2 * m.Hkv) * m.D
+    kv_token = m.L * 2 * hkv * m.D * e  # a position of a KV cache, this rank's heads, every layer
+    head_fp32 = m.V * m.d * 4 if e < 4 else 0  # an fp32 copy of a bf16 LM head (logits are never rounded to bf16)
+    exchange = 2 * qkv * t * e if sp > 1 else 0  # the all-to-all's send and receive buffers of q, k, v
+    if stage == "train":
+        W, opt = sp * dp, 2 if optimizer == "adam" else 1
+        head_backward = m.V * m.d * 4 + 2 * budget * 4 + t * m.d * 4 + (head_fp32 + m.V * m.d * e if e < 4 else 0)
+        # ChunkedLogps.backward: the fp32 head gradient, two chunks of logits (one being made while the last is
+        # read), the hidden states' gradient; for a bf16 head its fp32 copy and the gradient cast back
+        layer_backward = (6 * m.I + 4 * m.d + 2 * qkv) * t * e + exchange
+        terms = [
+            ("weights", m.params * 4 // W, "fp32 master weights, sharded over the sp x dp ranks (FSDP2)"),
+            ("gradients", m.params * 4 // W, "fp32, sharded"),
+            ("optimizer state", opt * m.params * 4 // W, f"{optimizer}: {opt} fp32 tensor(s) a weight, sharded"),
+            ("gathered layers", 2 * m.layer * (e + 4), "one decoder layer gathered in the compute dtype and the next "
+             "prefetched, each with its unsharded gradient reduced in fp32"),
+            ("gathered root", m.root * (2 * e + 4), "embedding, head and final norm, gathered for forward and "
+             "backward, with their unsharded gradients"),
+            ("checkpointed activations", (m.L + 3) * t * m.d * e, "each layer's input (activation checkpointing), "
+             "the final norm's input and output, the rows fed to the head"),
+            ("backward transients", max(head_backward, layer_backward), "the larger of the LM head's backward (fp32 "
+             "head gradient, two chunks of budget logits) and one layer recomputed with its backward (6 x "
+             "intermediate + 4 x hidden + 2 x q, k, v a position, and the all-to-all's buffers)")]
+    elif stage in ("generate", "eval"):
+        prefill = (3 * m.I + 2 * m.d + 2 * qkv) * t * e + exchange  # one layer's forward: the MLP at its product
+        terms = [("weights", m.params * e, "the whole model on every rank (a token's MLP is cheap to repeat)"),
+                 ("LM head fp32", head_fp32, "the sampler's fp32 copy of a bf16 head")]
+        decode = 2 * budget * 4  # attention_lse's scores and softmax, a block of keys at a time
+        if stage == "generate":
+            tc = -(-chunk // sp)
+            terms += [("chunk caches", rows * (tc * sp + sp) * kv_token, f"{rows} chunks of {chunk} tokens, a cache "
+                       "row each (this rank's heads); in host memory during the document's stage"),
+                      ("chunk prefill", (3 * m.I + 2 * m.d + 2 * qkv) * tc * e + exchange * tc // max(t, 1),
+                       "one chunk at a time, as the document's below"),
+                      ("document cache", (tokens + sp) * kv_token, f"{tokens} tokens, this rank's heads"),
+                      ("document prefill", prefill, f"one forward of {t} positions a rank: the MLP's three "
+                       "intermediate tensors at its product, the residual stream and its norm, q, k, v twice"),
+                      ("answers", rows * (answer + 512) * kv_token + decode, f"{rows} answers' own rows (an "
+                       "instruction and the answer) and the attention's blocks of scores")]
+            stages = (terms[2][1] + terms[3][1], terms[4][1] + terms[5][1] + terms[6][1])
+            peak = terms[0][1] + terms[1][1] + max(stages)  # the chunks' stage, then the document's
+        else:
+            terms += [("prompt caches", batch * (tokens + sp) * kv_token, f"{batch} sample(s), a prompt's cache each"),
+                      ("prefill", prefill, "one prompt filled at a time"),
+                      ("decoding", batch * 2 * answer * kv_token + decode, "the answers' rows and attention blocks")]
+            peak = sum(b for _, b, _ in terms)
+    else:
+        raise ValueError(f"stage must be train, generate or eval, got {stage!r}")
+    if stage == "train":
+        peak = sum(b for _, b, _ in terms)
+    return terms + [("peak", peak, "what a GPU must hold at once")]
+
+
+def format_plan(title, terms, gpu_bytes=None):
+    """The plan as a table, in GiB, against the GPU's memory when known."""
+    width = max(len(name) for name, _, _ in terms)
+    lines = [title] + [f"  {name:<{width}}  {b / 2**30:9.2f} GiB  {how}" for name, b, how in terms]
+    if gpu_bytes:
+        lines.append(f"  {'GPU':<{width}}  {gpu_bytes / 2**30:9.2f} GiB  {torch.cuda.get_device_name()}")
+    return "\n".join(lines)
+
+
+def check_plan(stage, terms, device, override):
+    """Refuses, in one line naming the stage, the bytes and the GPU's memory, a run whose plan does not fit the GPU
+    (override: run anyway). Nothing is checked on a CPU."""
+    if device.type != "cuda" or override:
+        return
+    have = torch.cuda.get_device_properties(device).total_memory
+    need = terms[-1][1]
+    if need > have:
+        big = max(terms[:-1], key=lambda x: x[1])
+        raise SystemExit(f"the {stage} needs {need / 2**30:.1f} GiB a GPU by the memory plan (the largest term: "
+                         f"{big[0]}, {big[1] / 2**30:.1f} GiB) and the GPU has {have / 2**30:.1f} GiB: spread the "
+                         "sequence over more ranks (--sp), shorten it, or pass --plan_check false to run anyway "
+                         "(--plan prints every term)")
 
 
 # -----------------------------------------------------------------------------
@@ -1425,9 +1541,10 @@ def load_example(cfg, tokenizer, entry):
 
 def record_tokens(cfg, tokenizer, entry):
     """The longer of a record's two long sequences, in tokens, rendered as training renders them (both branches
-    whatever the loss: the baselines skip the same records as LongPO); no tensors built."""
-    _, seqs = _rendered(cfg, tokenizer, entry, lambda rec: render_branches(tokenizer, rec)[0])
-    return max(len(ids) for ids, _ in seqs)
+    whatever the loss: the baselines skip the same records as LongPO), and the length of its packed sequence
+    (prefix and both branches: what one forward holds); no tensors built."""
+    _, (seqs, p) = _rendered(cfg, tokenizer, entry, lambda rec: render_branches(tokenizer, rec))
+    return max(len(ids) for ids, _ in seqs), sum(len(ids) for ids, _ in seqs) - p
 
 
 def _rendered(cfg, tokenizer, entry, render):
@@ -1450,7 +1567,7 @@ def special_field(rec, tokenizer):
 
 def prepare_data(cfg, tokenizer, env=None):
     """Validate every record and measure its long sequences, the work split over all ranks; returns the entries
-    that fit --max_len as {offset, line, tokens}. Over-long records are skipped with a count (or, with
+    that fit --max_len as {offset, line, tokens, packed}. Over-long records are skipped with a count (or, with
     --too_long error, raise). Packing itself waits until a record is used (load_example)."""
     rank, world = (env.rank, env.world) if env is not None else (0, 1)
     lines = index_lines(cfg.data)
@@ -1458,7 +1575,8 @@ def prepare_data(cfg, tokenizer, env=None):
     for k in range(rank, len(lines), world):
         entry = {"offset": lines[k][0], "line": lines[k][1]}
         try:
-            mine.append({**entry, "tokens": record_tokens(cfg, tokenizer, entry)})
+            tokens, packed = record_tokens(cfg, tokenizer, entry)
+            mine.append({**entry, "tokens": tokens, "packed": packed})
         except ValueError as e:
             error = (entry["line"], str(e))
             break
@@ -1550,7 +1668,21 @@ def dpo_reference(cfg, env, policy, tokenizer, data, resume):
 # the training loop
 
 
+def train_plan(cfg, sp, dp, dtype, tokens):
+    """The memory plan of a training run (memory_plan's "train" stage) from --model's config.json."""
+    config = AutoConfig.from_pretrained(cfg.model or default_model_dir())
+    return memory_plan(config, "train", tokens, sp, dp, dtype=dtype, optimizer=cfg.optimizer, budget=cfg.logp_budget)
+
+
 def train(cfg):
+    if cfg.plan:  # no process group, no weights: the plan of the settings given, for a GPU in bf16
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        sp = cfg.sp or world
+        tokens = cfg.max_len + cfg.max_len // 16
+        dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+        return print0(format_plan(f"training, a GPU's memory (sp {sp} x dp {max(1, world // sp)}, {tokens} tokens a "
+                                  f"packed sequence, {dtype} activations)", train_plan(cfg, sp, max(1, world // sp),
+                                                                                      dtype, tokens)))
     env = setup_distributed(cfg.sp, cfg.timeout_min)
     register_attention(env.sp_group)
     torch.manual_seed(cfg.seed)
@@ -1593,11 +1725,16 @@ def _train(cfg, env):
         raise SystemExit(f"--out {cfg.out} holds checkpoints of an earlier run (newest {found[-1]}): "
                          "pass --resume to continue it, or choose another --out")
 
-    # model, data, optimizer
-    param_dtype, _ = _dtype_of(cfg, env.device)
-    # rank 0 reads the weights; under a process group the other ranks build the model on the meta device and get
-    # their shards from rank 0 (build_policy)
-    model, tokenizer = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len, weights=env.master)
+    # data first (the tokenizer alone reads it): a malformed record costs seconds, not a model load, and the memory
+    # plan is checked on the longest packed sequence before any weight is read
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
+    param_dtype, compute_dtype = _dtype_of(cfg, env.device)
+    check_plan("training", train_plan(cfg, env.sp, env.dp, str(compute_dtype)[6:], max(e["packed"] for e in data)),
+               env.device, not cfg.plan_check)
+    # model, optimizer: rank 0 reads the weights; under a process group the other ranks build the model on the meta
+    # device and get their shards from rank 0 (build_policy)
+    model, _ = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len, weights=env.master)
     bad = [non_finite_parameter(model) if env.master else None]
     if dist.is_initialized():
         dist.broadcast_object_list(bad, 0)  # every rank stops on rank 0's finding
@@ -1605,7 +1742,6 @@ def _train(cfg, env):
         raise SystemExit(f"--model {cfg.model or default_model_dir()}: tensor {bad[0]} holds non-finite values")
     save_dtype = getattr(AutoConfig.from_pretrained(cfg.model or default_model_dir()), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
-    data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
     data_sha256 = file_fingerprint(cfg.data)
     warning = writer_mismatch(cfg, data[0])
     if warning:

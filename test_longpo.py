@@ -860,6 +860,38 @@ def test_model_settings_and_sliding_window(families):
         longpo.ulysses_attention(attn, q, k, v, scaling=0.3, sliding_window=4)
 
 
+MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+
+
+def test_memory_plan_against_what_the_code_allocates():
+    """memory_plan's terms against the code on the CPU (float32, one process): a tiny model's exact terms (weights,
+    gradients, Adam state, checkpointed activations, the KV cache, byte for byte), and a 61M-parameter model's
+    transients (a document's prefill; the backward's peak above the forward's) within 15%; and the worked-out
+    figures a 7B model's plan gives (the README's table)."""
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    mid = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=2)
+    exact = {"weights", "gradients", "optimizer state", "document cache"}
+    for shape, stage, tokens in ((tiny, "generate", 1024), (tiny, "train", 1024), (mid, "generate", 2048),
+                                 (mid, "train", 4096)):
+        rows = bench.plan_against_measured(stage, shape, 49152, tokens)
+        assert {t for t, _, _ in rows} >= ({"weights", "document cache", "document prefill"} if stage == "generate"
+                                           else {"gradients", "checkpointed activations", "backward transients"})
+        for term, planned, measured in rows:
+            if term in exact:
+                assert planned == measured, (shape, term)
+            elif term == "checkpointed activations" or shape is mid:  # tensors saved; a transient's peak RSS
+                assert abs(planned / measured - 1) < 0.15, (shape, stage, term, planned, measured)
+    # a 7B model: KV 128 KiB a token, so 16 GiB at 128K; sharded weights, gradients and Adam over 8 GPUs
+    gen = dict((n, b) for n, b, _ in longpo.memory_plan(MISTRAL_7B, "generate", 131072, chunk=32768, rows=4,
+                                                        answer=1024))
+    assert gen["document cache"] == (131072 + 1) * 128 * 1024 and gen["weights"] == 7_241_732_096 * 2
+    train = dict((n, b) for n, b, _ in longpo.memory_plan(MISTRAL_7B, "train", 135168, sp=8))
+    assert train["optimizer state"] == 2 * train["weights"] == 2 * 7_241_732_096 * 4 // 8
+    assert 20 * 2**30 < train["peak"] < 35 * 2**30  # DESIGN's estimate: 25-30 GB a GPU at 128K, sp 8
+
+
 def test_head_shares_keep_gqa_groups():
     q, kv, local = longpo.head_shares(9, 3, 2)
     assert [x.tolist() for x in q] == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
