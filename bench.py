@@ -51,8 +51,8 @@ def _best(fn, repeats):
     return best, out
 
 
-def _load(model_dir):
-    model, tokenizer = longpo.load_model(model_dir, torch.float32, attn="sdpa")
+def _load(model_dir, attn="longpo"):
+    model, tokenizer = longpo.load_model(model_dir, torch.float32, attn=attn)
     return model.eval(), tokenizer
 
 
@@ -61,14 +61,16 @@ def _load(model_dir):
 
 
 def bench_decode(model_dir="", batch_sizes=(1, 4), new_tokens=32, repeats=2):
-    """Greedy decode tokens/s of generate.generate_tokens against transformers' model.generate, same prompts, no
-    EOS (every row decodes new_tokens). Decode time = time(new_tokens) - time(1 token), so prefill is not counted."""
+    """Greedy decode tokens/s of generate.generate_tokens against transformers' model.generate (its own attention
+    and cache), same prompts, no EOS (every row decodes new_tokens). Decode time = time(new_tokens) - time(1
+    token), so prefill is not counted."""
     from transformers import GenerationConfig
     model, tok = _load(model_dir)
+    hf_model, _ = _load(model_dir, "sdpa")
     questions = ["What is the capital of France?", "Write a short poem about the sea.",
                  "Explain in two sentences why the sky is blue.", "List three uses of copper."]
     pad = tok.pad_token_id or 0
-    model.generation_config.eos_token_id = None  # else generate falls back to it and stops at EOS: unequal work
+    hf_model.generation_config.eos_token_id = None  # else generate falls back to it and stops at EOS: unequal work
     figures = {}
     for B in batch_sizes:
         prompts = [longpo.render_chat(tok, [questions[b % len(questions)]])[0] for b in range(B)]
@@ -82,7 +84,7 @@ def bench_decode(model_dir="", batch_sizes=(1, 4), new_tokens=32, repeats=2):
         def hf(n):  # eos_token_id=None: no stop, as on our side
             gc = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=pad, max_new_tokens=n)
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=mask, generation_config=gc)
+                out = hf_model.generate(ids, attention_mask=mask, generation_config=gc)
             return out[:, L:].tolist()
 
         ours(2), hf(2)  # warm-up
@@ -103,34 +105,142 @@ def bench_decode(model_dir="", batch_sizes=(1, 4), new_tokens=32, repeats=2):
     return figures
 
 
-def bench_kv_cache(model_dir="", past_tokens=(1024, 4096), batch=2, new_tokens=32, repeats=2):
-    """Greedy decode tokens/s after a past_tokens-token prompt (batch rows), generate.GrowingLayer (written in
-    place) against transformers' DynamicLayer (concatenated: the whole cache copied a token), same tokens. Decode
-    time: the sampler's own clock of its decode loop (STATS), the prefill not counted."""
+def _attention_calls():
+    """A hook on torch's SDPA counting, per call, a materialised mask and K/V with more heads than the model's kv
+    heads (copied out to the query heads). Returns (counts, undo)."""
+    import torch.nn.functional as F
+    real, counts = F.scaled_dot_product_attention, Counter()
+
+    def spy(q, k, v, attn_mask=None, *args, **kw):
+        counts["calls"] += 1
+        counts["masks"] += isinstance(attn_mask, torch.Tensor)
+        counts["kv_head_copies"] += k.shape[1] > counts.get("kv_heads", k.shape[1])
+        return real(q, k, v, attn_mask, *args, **kw)
+    F.scaled_dot_product_attention = spy
+    return counts, lambda: setattr(F, "scaled_dot_product_attention", real)
+
+
+def _old_prefill(model, ids, chunk=2048):
+    """The prefill before this project's attention: transformers' own SDPA attention over its DynamicCache, chunk
+    tokens a forward (each chunk after the first gets a boolean mask and K/V copied out to every query head)."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for s in range(0, ids.shape[1], chunk):
+            model.model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def bench_prefill(model_dir="", lengths=(4096, 8192), repeats=2):
+    """A document's prefill: one forward through longpo's attention (no mask, no kv head copied; generate.fill)
+    against transformers' SDPA attention over its DynamicCache in 2,048-token chunks (the path before): time, and
+    the masks and kv head copies counted at torch's SDPA (the kv heads' count the model's)."""
     model, tok = _load(model_dir)
+    hf_model, _ = _load(model_dir, "sdpa")
     rows = []
-    for past in past_tokens:
-        text = generate.synthetic_corpus(tok, 1, past - 64, past, seed=1)[0][1]
-        prompts = [longpo.render_chat(tok, [text + "\n\n" + q])[0][-past:] for q in ("Who?", "Where?")][:batch]
-        t, tokens = {}, {}
+    for length in lengths:
+        text = generate.synthetic_corpus(tok, 1, length - 64, length, seed=1)[0][1]
+        ids = torch.tensor([longpo.render_chat(tok, [text])[0][:length]])
+        best, counts = {}, {}
         for _ in range(repeats):  # the sides alternate
-            for name, layer in (("growing", GrowingLayer), ("dynamic", DynamicLayer)):
-                generate.STATS.clear()
-                with generate.cache_layer(layer):
-                    tokens[name] = generate.generate_tokens(model, prompts, [], new_tokens)
-                t[name] = min(t.get(name, float("inf")), generate.STATS["decode_s"])
-        tps = {k: len(prompts) * new_tokens / t[k] for k in ("growing", "dynamic")}
-        row = {"past_tokens": len(prompts[0]), "batch": len(prompts), "growing_decode_tok_s": round(tps["growing"], 2),
-               "dynamic_decode_tok_s": round(tps["dynamic"], 2), "speedup": round(tps["growing"] / tps["dynamic"], 2),
-               "same_tokens": tokens["growing"] == tokens["dynamic"]}
+            for name in ("new", "old"):
+                c, undo = _attention_calls()
+                c["kv_heads"] = model.config.num_key_value_heads
+                t0 = time.perf_counter()
+                if name == "new":
+                    generate.fill(model, generate.new_cache(model, 1, length + 1), ids)
+                else:
+                    _old_prefill(hf_model, ids)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+                undo()
+                counts[name] = c
+        row = {"tokens": ids.shape[1], "new_s": round(best["new"], 2), "old_s": round(best["old"], 2),
+               "speedup": round(best["old"] / best["new"], 2)}
+        for name in ("new", "old"):
+            row.update({f"{name}_masks": counts[name]["masks"], f"{name}_kv_head_copies": counts[name]["kv_head_copies"]})
         print_row(row)
         rows.append(row)
     return rows
 
 
+def _shared_run(spec):
+    """In a fresh process: `answers` greedy answers over one document of spec["tokens"] tokens, their rows reading
+    one copy of its cache (shared) or each its own copy (copied): the peak RSS of the decoding above the model (the
+    cache or caches included, the prefill's transients not: both sides fill the document alike), decode seconds."""
+    model, tok = _load(spec["model"])
+    text = generate.synthetic_corpus(tok, 1, spec["tokens"] - 64, spec["tokens"], seed=1)[0][1]
+    questions = ["Who?", "Where was it?", "What was counted?", "Which town?"]
+    prompts = [longpo.render_chat(tok, [text + "\n\n" + q])[0] for q in questions[:spec["answers"]]]
+    p = generate.common_prefix_len(prompts)
+    cache, cached = generate.prefill_prefixes(model, [prompts[0][:p]])
+    held = sum(x.nbytes for x in cache.k + cache.v)  # the document's cache, then what the decoding adds to it
+    base = current_rss()  # (after the prefill, whose freed memory the allocator may keep)
+    _reset_hwm()
+    generate.STATS.clear()
+    tails = [q[p:] for q in prompts]
+    if spec["mode"] == "shared":
+        out = generate._generate_rows(model, cache, torch.ones(1, p, dtype=torch.bool), None, tails, [],
+                                      spec["new_tokens"], 0.0, 1.0, None, None)
+    else:  # a copy of the document's cache a row, as decoding a batch of rows over one cache does without sharing
+        for kv in (cache.k, cache.v):
+            for i, x in enumerate(kv):
+                kv[i] = x.repeat(len(prompts), 1, 1, 1)  # (1, h, T, D) -> (B, h, T, D)
+        out = generate._generate_rows(model, cache, torch.ones(len(prompts), p, dtype=torch.bool),
+                                      list(range(len(prompts))), tails, [], spec["new_tokens"], 0.0, 1.0, None, None)
+    return {"peak_mb": (held + _hwm() - base) / 2**20, "decode_s": generate.STATS["decode_s"],
+            "tokens": [t for t, _ in out], "doc_tokens": p}
+
+
+def bench_shared_decoding(model_dir="", lengths=(4096, 8192), answers=4, new_tokens=16):
+    """4 answers of one document decoded together: their rows reading one copy of the document's KV cache (merged
+    by log-sum-exps, generate_with_prefix_cache) against a copy a row; the decoding's peak memory, caches included,
+    above the model (each side a fresh process) and decode time, the same tokens."""
+    rows = []
+    for length in lengths:
+        got = {mode: _spawn({"kind": "shared", "mode": mode, "model": model_dir, "tokens": length, "answers": answers,
+                             "new_tokens": new_tokens}) for mode in ("shared", "copied")}
+        row = {"doc_tokens": got["shared"]["doc_tokens"], "answers": answers,
+               "shared_mb": round(got["shared"]["peak_mb"], 1), "copied_mb": round(got["copied"]["peak_mb"], 1),
+               "memory_ratio": round(got["shared"]["peak_mb"] / got["copied"]["peak_mb"], 3),
+               "shared_decode_s": round(got["shared"]["decode_s"], 2),
+               "copied_decode_s": round(got["copied"]["decode_s"], 2),
+               "same_tokens": got["shared"]["tokens"] == got["copied"]["tokens"]}
+        print_row(row)
+        rows.append(row)
+    return rows
+
+
+def _sp_cache_run(spec):
+    """Under torchrun (or one process): a document's cache filled over the ranks; this rank's cache bytes."""
+    env = longpo.setup_distributed(spec["sp"])
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model("llama", vocab_size=8192, max_position_embeddings=1 << 20, **spec["shape"])
+    torch.manual_seed(0)
+    longpo.register_attention()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="longpo").eval()
+    cache = generate.new_cache(model, 1, spec["tokens"] + env.sp, env.sp_group)
+    generate.fill(model, cache, torch.randint(0, 8192, (1, spec["tokens"]), generator=torch.Generator().manual_seed(0)))
+    out = {"cache_mb": sum(x.nbytes for x in cache.k + cache.v) / 2**20}
+    longpo.teardown_distributed()
+    return out
+
+
+def bench_sp_cache(tokens=8192):
+    """A document's KV cache a rank, its prefill spread over 2 ranks against 1: a model whose kv heads split evenly
+    (8 query / 2 kv heads) and SmolLM2's shape (9 / 3: a kv head on both ranks)."""
+    rows = []
+    for name, shape in (("small 8/2", SMALL), ("smollm2 9/3", dict(SMOLLM2, num_hidden_layers=4))):
+        one, two = (_spawn({"kind": "sp_cache", "shape": shape, "tokens": tokens, "sp": sp}, nproc=sp)["cache_mb"]
+                    for sp in (1, 2))
+        rows.append({"model": name, "tokens": tokens, "sp1_cache_mb": round(one, 2), "sp2_cache_mb": round(two, 2),
+                     "ratio": round(two / one, 3)})
+        print_row(rows[-1])
+    return rows
+
+
 def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_tokens=8, repeats=1):
-    """Answering n_instructions over one document of about doc_tokens tokens: the document's KV cache computed
-    once and cropped back per instruction (group 1: one copy of the cache) against a fresh prefill per prompt."""
+    """Answering n_instructions over one document of about doc_tokens tokens: the document's KV cache filled once
+    and read by every answer (generate_with_prefix_cache) against a fresh prefill per prompt."""
     model, tok = _load(model_dir)
     _, doc = generate.synthetic_corpus(tok, 1, doc_tokens - 64, doc_tokens, seed=0)[0]
     instructions = ["Who repaired the bridge?", "What was counted in the warehouse?",
@@ -141,7 +251,7 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
         return [generate.generate_tokens(model, [p], [], new_tokens)[0] for p in prompts]
 
     def reuse():
-        return generate.generate_with_prefix_cache(model, prompts, [], new_tokens, group=1)
+        return generate.generate_with_prefix_cache(model, prompts, [], new_tokens)
 
     t_reuse, out_reuse = _best(reuse, repeats)
     t_fresh, out_fresh = _best(fresh, repeats)
@@ -231,13 +341,11 @@ def unshared_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets
     return record, counts, stages
 
 
-def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048):
+def bench_generation_stages(model_dir="", repeats=1, doc=2):
     """One record of the embedded `python generate.py` (document `doc` of its corpus: about 4K tokens, 1K-token
-    chunks, 2 turns), each chunk prefilled once (build_record) against prefilled for each of its four uses
-    (share_chunks=False) over transformers' concatenating DynamicLayer: the path before, by stage; then the reference log-probs of one turn at a
-    reference_chunk-token chunk, [I; y] over the chunk's cache (cached_response_logps; the cache itself is the
-    pool's, so not timed) against longpo.response_logps' full forward over [C_S; I; y], chosen and rejected.
-    Sides alternate; the fastest of `repeats` runs counts."""
+    chunks, 2 turns) by build_record (each chunk filled once for its pool, answer and references, the document
+    once for all its answers) against unshared_record (the plain recipe: fresh prefills for every use, a full
+    forward a reference), by stage. Sides alternate; the fastest of `repeats` runs counts."""
     model, tok = _load(model_dir)
     cfg = generate.GenConfig(**generate.EMBEDDED)
     source, text = generate.synthetic_corpus(tok, doc + 1, cfg.max_len // 2, cfg.max_len * 9 // 16, cfg.seed)[doc]
@@ -245,60 +353,32 @@ def bench_generation_stages(model_dir="", repeats=1, doc=2, reference_chunk=2048
     eos_ids = generate.eos_token_ids(model, tok)
     best, records = {}, {}
     for _ in range(repeats):
-        for side, share in (("old", False), ("new", True)):
+        for side in ("old", "new"):
             generate.STATS.clear()
             t0 = time.perf_counter()
-            with generate.cache_layer(GrowingLayer if share else DynamicLayer):  # old: the concatenating cache
+            if side == "new":
                 records[side], counts = generate.build_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
-                                                              "bench", share_chunks=share)
-            times = {k: generate.STATS[k + "_s"] for k in generate.STAGES}
+                                                              "bench")
+                times = {k: generate.STATS[k + "_s"] for k in generate.STAGES}
+            else:
+                records[side], counts, times = unshared_record(cfg, model, tok, eos_ids, doc, source, text, offsets,
+                                                               "bench")
             times["record"] = time.perf_counter() - t0
-            best[side] = {k: min(v, best.get(side, times)[k]) for k, v in times.items()}
+            best[side] = {k: min(v, best.get(side, times).get(k, v)) for k, v in times.items()}
     old, new = records["old"], records["new"]
     strip = [[{k: v for k, v in t.items() if not k.startswith("ref_")} for t in r["turns"]] if r else None
              for r in (old, new)]
     row = {"doc": doc, "doc_tokens": len(offsets), "chunk_tokens": cfg.chunk_tokens, "turns_sampled": counts["turns"],
            "turns_kept": len(new["turns"]) if new else 0}
     for k in (*generate.STAGES, "record"):
-        name = "reference_stage" if k == "reference" else k  # reference_speedup: the row below, at the longer chunk
-        row.update({f"old_{k}_s": round(best["old"][k], 2), f"new_{k}_s": round(best["new"][k], 2),
-                    f"{name}_speedup": round(best["old"][k] / max(best["new"][k], 1e-9), 2)})
+        row.update({f"old_{k}_s": round(best["old"].get(k, 0.0), 2), f"new_{k}_s": round(best["new"][k], 2),
+                    f"{k}_speedup": round(best["old"].get(k, 0.0) / max(best["new"][k], 1e-9), 2)})
     row["same_answers"] = strip[0] == strip[1]
     if old and new and strip[0] == strip[1]:
         row["max_ref_diff"] = max(abs(a[k] - b[k]) for a, b in zip(old["turns"], new["turns"])
                                   for k in ("ref_chosen_logp", "ref_rejected_logp"))
     print_row(row)
-
-    # one turn's reference log-probs at a longer chunk: the record's first answers (or stand-ins) on its opening
-    s, e = generate.chunk_spans(offsets, text, reference_chunk)[0]
-    turn = new["turns"][0] if new else {"instruction": generate.FALLBACK_INSTRUCTION, "chosen": "The ledger.",
-                                        "rejected": "A ledger of trade."}
-    user = text[s:e] + "\n\n" + turn["instruction"]
-    messages = [[user, turn[key]] for key in ("chosen", "rejected")]
-    prompt = longpo.render_chat(tok, [user])[0]
-    prefix = generate.chunk_prefix(tok, prompt, text[s:e])
-    cache, cached = generate.prefill_prefixes(model, [prefix], cfg.prefill_chunk)
-
-    def full():
-        return [longpo.response_logps(model, tok, m)[0].item() for m in messages]
-
-    def cached_ref():
-        return [generate.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m)],
-                                               cfg.prefill_chunk)[0].item() for m in messages]
-
-    t_full, t_cached = float("inf"), float("inf")
-    for _ in range(max(repeats, 2)):
-        t, ref_full = _best(full, 1)
-        t_full = min(t_full, t)
-        t, ref_cached = _best(cached_ref, 1)
-        t_cached = min(t_cached, t)
-    row2 = {"reference_chunk_tokens": len(prefix), "instruction_tokens": len(prompt) - len(prefix),
-            "response_tokens": sum(t == 1 for m in messages for t in longpo.render_chat(tok, m)[1]),
-            "full_forward_s": round(t_full, 3), "cached_s": round(t_cached, 3),
-            "reference_speedup": round(t_full / t_cached, 2),
-            "max_abs_diff": max(abs(a - b) for a, b in zip(ref_full, ref_cached))}
-    print_row(row2)
-    return [row, row2]
+    return [row]
 
 
 # -----------------------------------------------------------------------------
@@ -347,7 +427,7 @@ def _measure_step(spec, env):
     """Build a random model of spec["shape"], then time spec["steps"] optimizer steps of one record, packed or
     unshared. Returns step time and peak memory (max over ranks)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    longpo._register_attention()
+    longpo.register_attention(env.sp_group)
     tok = AutoTokenizer.from_pretrained(spec["tokenizer"] or longpo.default_model_dir())
     config = AutoConfig.for_model("llama", vocab_size=len(tok), max_position_embeddings=262144, **spec["shape"])
     torch.manual_seed(0)
@@ -676,7 +756,9 @@ SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when 
     "sequence_parallel": lambda c: bench_sequence_parallel(c.tokens, steps=c.steps, shape=c.shape,
                                                            tokenizer=c.tokenizer),
     "decode": lambda c: [bench_decode(c.model, repeats=c.repeats)],
-    "kv_cache": lambda c: bench_kv_cache(c.model, repeats=c.repeats),
+    "prefill": lambda c: bench_prefill(c.model, repeats=c.repeats),
+    "shared_decoding": lambda c: bench_shared_decoding(c.model),
+    "sp_cache": lambda c: bench_sp_cache(),
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
     "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats, doc=c.stages_doc),
     "memory_plan": bench_memory_plan,
@@ -712,7 +794,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":  # a measurement in a fresh process (see _spawn)
         spec = json.loads(sys.argv[2])
         kind = spec.get("kind")
-        result = _logits_run(spec) if kind == "logits" else _plan_run(spec) if kind == "plan" else _one_step_run(spec)
+        runs = {"logits": _logits_run, "plan": _plan_run, "shared": _shared_run, "sp_cache": _sp_cache_run}
+        result = runs.get(kind, _one_step_run)(spec)
         longpo.print0(json.dumps(result))  # rank 0 only: every rank holds the same (max-reduced) figures
     else:
         main(sys.argv[1:])
