@@ -49,6 +49,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -60,7 +61,7 @@ import torch
 import torch.distributed as dist
 
 import longpo
-from generate import eos_token_ids, generate_tokens, prefill_prefixes, tail_logps
+from generate import NonFiniteLogits, eos_token_ids, generate_tokens, prefill_prefixes, tail_logps
 from longpo import checked, print0
 
 
@@ -83,12 +84,12 @@ class EvalConfig:
     lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
     tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))  # long-context tasks to run; all = every one
     task_file: str = ""  # JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join --tasks
-    samples: int = checked(1, lambda x: x >= 1)  # samples per task and length (RULER uses 500; 1 keeps the CPU run
+    samples: int = checked(1, lambda x: 1 <= x <= 10**6)  # samples per task and length (RULER uses 500; 1 keeps the CPU run
                                                  # to minutes)
-    batch: int = checked(0, lambda x: x >= 0)  # samples decoded together (each reads its own prompt's cache); 0 =
+    batch: int = checked(0, lambda x: 0 <= x <= 4096)  # samples decoded together (each reads its own prompt's cache); 0 =
                                                # the most the memory plan fits on the GPU at the longest length
                                                # (at most 8), 4 on a CPU
-    max_new_tokens: int = checked(0, lambda x: x >= 0)  # cap on generated tokens a sample; 0 = 2 x reference-answer
+    max_new_tokens: int = checked(0, lambda x: 0 <= x <= 1 << 20)  # cap on generated tokens a sample; 0 = 2 x reference-answer
                                                         # tokens + 16
     seed: int = 0  # every haystack, needle and option derives from it
     threshold: float = checked(85.6, lambda x: 0 <= x <= 100)  # effective length: task-average score (0-100) a
@@ -101,7 +102,7 @@ class EvalConfig:
                                                                                       # float32 on CPU
     sp: int = checked(1, lambda x: x >= 0)  # ranks one sample is spread over (its cache split by heads); dp =
                                             # world / sp groups split each cell's samples; 0 = all ranks
-    timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
+    timeout_min: float = checked(60.0, lambda x: 0 < x <= 1e9)  # how long a collective waits for the slowest rank, minutes
     plan: bool = False  # print the memory plan of each model at the longest length (a GPU's bytes) and exit
     plan_check: bool = True  # refuse, before a model loads, a sweep whose plan does not fit its GPUs
 
@@ -375,7 +376,7 @@ def effective_length(scores, threshold):
     L' <= L; 0 if none."""
     eff = 0
     for length in sorted(scores):
-        if scores[length] <= threshold:
+        if scores[length] is None or scores[length] <= threshold:  # None: not finite, so not exceeding it
             break
         eff = length
     return eff
@@ -419,7 +420,13 @@ def short_context(model, tokenizer, pairs, base=None):
             lb, _ = response_logprobs(base, ids, turns)
             kl += (lp.exp() * (lp - lb)).sum().item()  # Σ_r Σ_v p(v) (log p(v) - log p_base(v))
         tokens += len(tgt)
-    return dict(pairs=len(pairs), tokens=tokens, nll=nll / tokens, kl=kl / tokens if base is not None else 0.0)
+    kl = kl / tokens if base is not None else 0.0
+    return dict(pairs=len(pairs), tokens=tokens, nll=finite(nll / tokens), kl=finite(kl))  # None: not finite
+
+
+def finite(x):
+    """x, or None when it is not a finite number (a model's overflow: reported as such, never as a score)."""
+    return x if math.isfinite(x) else None
 
 
 def multiple_choice(model, tokenizer, items, group=None):
@@ -429,7 +436,10 @@ def multiple_choice(model, tokenizer, items, group=None):
     for it in items:
         prompt = longpo.render_chat(tokenizer, [it["question"]])[0]
         options = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in it["choices"]]
-        a, an = mc_scores(option_logliks(model, prompt, options, group), it["choices"], it["answer"])
+        logliks = option_logliks(model, prompt, options, group)
+        if not all(math.isfinite(x) for x in logliks):  # an argmax over NaN would pick a choice all the same
+            return dict(items=len(items), acc=None, acc_norm=None)
+        a, an = mc_scores(logliks, it["choices"], it["answer"])
         acc, acc_norm = acc + a, acc_norm + an
     return dict(items=len(items), acc=100 * acc / len(items), acc_norm=100 * acc_norm / len(items))
 
@@ -437,15 +447,23 @@ def multiple_choice(model, tokenizer, items, group=None):
 # -----------------------------------------------------------------------------
 # inputs: lengths, models, the multiple-choice file, the held-out pairs
 
+MAX_LENGTH = 1 << 22  # the longest prompt a task writes: 4M tokens (the paper sweeps to 512K)
+
+
 def parse_lengths(values):
     out = []
     for v in values:
         try:
-            n = int(float(v[:-1]) * 1024) if v[-1:] in "kK" and v[:-1] else int(v)
+            n = float(v[:-1]) * 1024 if v[-1:] in "kK" and v[:-1] else float(v)  # 4096, 4K, 1.5K, 4e3
+            if not n.is_integer():  # "four", "nanK", "infK", 1.5 tokens
+                raise ValueError
+            n = int(n)
         except ValueError:
             raise SystemExit(f"--lengths takes token counts such as 4096 or 4K, got {v!r}") from None
         if n < 256:
             raise SystemExit(f"--lengths {v}: too short for a task prompt (256 tokens at least)")
+        if n > MAX_LENGTH:
+            raise SystemExit(f"--lengths {v}: {n} tokens, over the {MAX_LENGTH:,} (4M) a task is written for")
         out.append(n)
     return sorted(set(out))
 
@@ -600,7 +618,8 @@ def read_pairs(path, n):
 # -----------------------------------------------------------------------------
 # one model over the sweep: each cell's samples spread over the dp groups, each finished cell saved at once
 
-SAMPLE_KEYS = ("index", "tokens", "depth", "depths", "answers", "pred", "options", "answer_index", "logliks")
+SAMPLE_KEYS = ("index", "tokens", "depth", "depths", "answers", "pred", "options", "answer_index", "logliks",
+               "non_finite")
 
 
 def cell_samples(cfg, task, tokenizer, length, own, indices):
@@ -613,26 +632,42 @@ def cell_samples(cfg, task, tokenizer, length, own, indices):
 
 def run_samples(cfg, model, tokenizer, task, samples, group=None):
     """Each sample's prediction (and, for multiple choice, its options' log-likelihoods), `--batch` prompts decoded
-    together, greedy; a sample's cache spread over group."""
+    together, greedy; a sample's cache spread over group. A sample whose logits or log-likelihoods are not finite
+    (an overflow in the model) is marked non_finite and gets no prediction."""
     if task == "mc_records":
         for s in samples:
             opts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in s["options"]]
             s["logliks"] = option_logliks(model, s["prompt_ids"], opts, group)
-            s["pred"] = s["options"][max(range(len(opts)), key=s["logliks"].__getitem__)]
+            if all(math.isfinite(x) for x in s["logliks"]):
+                s["pred"] = s["options"][max(range(len(opts)), key=s["logliks"].__getitem__)]
+            else:
+                s["non_finite"], s["logliks"] = True, None  # strict JSON: no NaN, no Infinity
         return samples
     eos = eos_token_ids(model, tokenizer)
     for b in range(0, len(samples), cfg.batch):
         batch = samples[b:b + cfg.batch]
-        outs = generate_tokens(model, [s["prompt_ids"] for s in batch], eos, max(s["max_new_tokens"] for s in batch),
-                               temperature=0.0, group=group)
+        try:
+            outs = generate_tokens(model, [s["prompt_ids"] for s in batch], eos,
+                                   max(s["max_new_tokens"] for s in batch), temperature=0.0, group=group)
+        except NonFiniteLogits as e:
+            for j in e.rows:
+                batch[j]["non_finite"] = True
+            if len(batch) > 1:  # the others again, without the rows that overflowed
+                run_samples(dataclasses.replace(cfg, batch=1), model, tokenizer, task,
+                            [x for x in batch if not x.get("non_finite")], group)
+            continue
         for s, (tokens, _) in zip(batch, outs):  # each sample held to its own budget, whatever the batch's largest
             s["pred"] = tokenizer.decode(tokens[:s["max_new_tokens"]], skip_special_tokens=True).strip()
     return samples
 
 
 def score_cell(task, samples):
-    """A cell's scores from its samples' predictions (all of them, in index order)."""
-    if task == "mc_records":
+    """A cell's scores from its samples' predictions (all of them, in index order); a cell with a sample whose
+    numbers were not finite has no score (None, printed "non-finite"): a wrong number is never reported."""
+    res = {}
+    if any(s.get("non_finite") for s in samples):
+        res = dict(score=None, non_finite=sum(bool(s.get("non_finite")) for s in samples))
+    elif task == "mc_records":
         correct = [mc_scores(s["logliks"], s["options"], s["answer_index"])[0] for s in samples]
         score = 100 * sum(correct) / len(samples)
         res = dict(score=score, accuracy=score)
@@ -673,7 +708,7 @@ def long_context(cfg, model, tokenizer, name, lengths, own=None, env=None, cells
             res = out[task][length] = score_cell(task, samples)
             if cells:
                 save_cell(cells, key, res)
-            print0(f"[{name}] {task:<16} {length:>7} tokens: score {res['score']:5.1f} | prompt+answer "
+            print0(f"[{name}] {task:<16} {length:>7} tokens: score {shown(res['score'], '5.1f')} | prompt+answer "
                    f"{min(s['tokens'] for s in samples)}-{max(s['tokens'] for s in samples)} tokens | "
                    f"{time.time() - t0:.1f} s")
     return out
@@ -719,6 +754,13 @@ def model_identity(path):
                      for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin", "config.json"))]
 
 
+def weighted(parts, key, weight):
+    """The mean of the parts' key weighted by their weight (tokens, items); None when any part's is None."""
+    if any(p[key] is None for p in parts):
+        return None
+    return sum(p[key] * p[weight] for p in parts) / sum(p[weight] for p in parts)
+
+
 def short_scores(cfg, env, model, tokenizer, pairs, mc_items, base):
     """Short-context NLL and KL (against base) and multiple-choice acc, each item list split over the dp groups and
     the sums combined."""
@@ -727,17 +769,14 @@ def short_scores(cfg, env, model, tokenizer, pairs, mc_items, base):
         part = short_context(model, tokenizer, pairs[env.dp_rank::env.dp], base) if pairs[env.dp_rank::env.dp] \
             else dict(pairs=0, tokens=0, nll=0.0, kl=0.0)
         parts = gather(env, [part])
-        tokens = sum(p["tokens"] for p in parts)
-        short = dict(pairs=sum(p["pairs"] for p in parts), tokens=tokens,
-                     nll=sum(p["nll"] * p["tokens"] for p in parts) / tokens,
-                     kl=sum(p["kl"] * p["tokens"] for p in parts) / tokens)
+        short = dict(pairs=sum(p["pairs"] for p in parts), tokens=sum(p["tokens"] for p in parts),
+                     nll=weighted(parts, "nll", "tokens"), kl=weighted(parts, "kl", "tokens"))
     if mc_items:
         mine = mc_items[env.dp_rank::env.dp]
         part = multiple_choice(model, tokenizer, mine, env.sp_group) if mine else dict(items=0, acc=0.0, acc_norm=0.0)
         parts = gather(env, [part])
-        items = sum(p["items"] for p in parts)
-        short.update(items=items, acc=sum(p["acc"] * p["items"] for p in parts) / items,
-                     acc_norm=sum(p["acc_norm"] * p["items"] for p in parts) / items)
+        short.update(items=sum(p["items"] for p in parts), acc=weighted(parts, "acc", "items"),
+                     acc_norm=weighted(parts, "acc_norm", "items"))
     return short
 
 
@@ -753,6 +792,16 @@ def format_table(header, rows, text_cols=1):
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
+def shown(x, fmt):
+    """A number as the tables print it; None (a score not computed from non-finite numbers) as "non-finite"."""
+    return "non-finite" if x is None else format(x, fmt)
+
+
+def mean(xs):
+    """The mean, or None when any of xs is None (a non-finite cell makes its averages unknown)."""
+    return None if any(x is None for x in xs) else sum(xs) / len(xs)
+
+
 def tables(report, lengths, threshold):
     """The RULER-like table, the per-task table and the short-context table, as text."""
     names = list(report["models"])
@@ -760,8 +809,8 @@ def tables(report, lengths, threshold):
     rows = []
     for name in names:
         m = report["models"][name]
-        rows.append([name] + [f"{m['ruler'][L]:.1f}{mark(name, L)}" for L in lengths]
-                    + [f"{m['ruler_avg']:.1f}", m["effective_length"] or f"<{lengths[0]}"])
+        rows.append([name] + [shown(m["ruler"][L], ".1f") + mark(name, L) for L in lengths]
+                    + [shown(m["ruler_avg"], ".1f"), m["effective_length"] or f"<{lengths[0]}"])
     text = ["RULER-like: task-average score (0-100) per length; effective length at threshold "
             f"{threshold} ('*': beyond the model's max positions)",
             format_table(["model"] + [str(L) for L in lengths] + ["avg", "effective"], rows), ""]
@@ -769,8 +818,8 @@ def tables(report, lengths, threshold):
     for name in names:
         for task, per in report["models"][name]["long"].items():
             scores = [per[L]["score"] for L in lengths]
-            rows.append([name, task] + [f"{v:.1f}{mark(name, L)}" for v, L in zip(scores, lengths)]
-                        + [f"{sum(scores) / len(scores):.1f}"])
+            rows.append([name, task] + [shown(v, ".1f") + mark(name, L) for v, L in zip(scores, lengths)]
+                        + [shown(mean(scores), ".1f")])
     text += ["per task: string_match_all (mc_records: accuracy), 0-100",
              format_table(["model", "task"] + [str(L) for L in lengths] + ["avg"], rows, 2), ""]
     short = [(n, report["models"][n].get("short")) for n in names]
@@ -784,9 +833,10 @@ def tables(report, lengths, threshold):
                 if k not in (s or {}):  # e.g. the KL of a model with another vocabulary: not defined
                     row += ["n/a"] + ([] if k == "kl" else ["n/a"])
                     continue
-                row += [f"{s[k]:.4f}" if k in ("nll", "kl") else f"{s[k]:.1f}"]
+                row += [shown(s[k], ".4f" if k in ("nll", "kl") else ".1f")]
                 if k != "kl":
-                    row += [f"{s[k] - first[k]:+.4f}" if k == "nll" else f"{s[k] - first[k]:+.1f}"]
+                    delta = None if s[k] is None or first[k] is None else s[k] - first[k]
+                    row += [shown(delta, "+.4f" if k == "nll" else "+.1f")]
             rows.append(row)
         header = ["model"]
         for k in keys:
@@ -846,7 +896,14 @@ def main(cfg):
     # every input is checked before the first model loads, so a typo costs seconds, not a sweep
     if os.path.isdir(cfg.json) or not longpo.creatable_dir(os.path.dirname(cfg.json) or "."):
         raise SystemExit(f"--json {cfg.json}: cannot be written (a directory, or under a file)")
+    for target in (cfg.json, cfg.json + ".cells.jsonl"):  # an output over an input would replace it
+        for flag in ("task_file", "mc", "short_data"):
+            if getattr(cfg, flag) and os.path.realpath(getattr(cfg, flag)) == os.path.realpath(target):
+                raise SystemExit(f"--json {cfg.json}: {target} is the --{flag} file; it would be overwritten: choose "
+                                 "another --json")
     models = resolve_models(cfg)
+    for name, path in models:
+        longpo.check_weights(path, f"--models {name}={path or longpo.default_model_dir()}")
     mc_items = read_mc(cfg.mc) if cfg.mc else None
     pairs = read_pairs(cfg.short_data, cfg.short_n) if cfg.short_data else None
     inputs = [(flag, path) for flag, path in (("--task_file", cfg.task_file), ("--mc", cfg.mc),
@@ -885,10 +942,9 @@ def main(cfg):
             print0(f"warning: {name} ({path}) has max_position_embeddings {max_pos}; lengths {beyond} run beyond it")
         print0(f"[{name}] {path}")
         long = long_context(cfg, model, tokenizer, name, lengths, own, env, cells)
-        ruler = {L: sum(long[t][L]["score"] for t in cfg.tasks) / len(cfg.tasks) for L in lengths}
+        ruler = {L: mean([long[t][L]["score"] for t in cfg.tasks]) for L in lengths}
         entry = dict(path=path, max_position_embeddings=max_pos, beyond_max_positions=beyond, long=long, ruler=ruler,
-                     ruler_avg=sum(ruler.values()) / len(ruler),
-                     effective_length=effective_length(ruler, cfg.threshold))
+                     ruler_avg=mean(list(ruler.values())), effective_length=effective_length(ruler, cfg.threshold))
         if short_key and short_key in cells.done:
             entry["short"] = cells.done[short_key]
         elif short_key:
@@ -901,7 +957,7 @@ def main(cfg):
             save_cell(cells, short_key, short)
             entry["short"] = short
         if "short" in entry:
-            print0(f"[{name}] short context: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["short"].items()))
+            print0(f"[{name}] short context: " + ", ".join(f"{k} {shown(v, '.4g')}" for k, v in entry["short"].items()))
         report["models"][name] = entry
         print0(f"[{name}] done in {time.time() - t0:.1f} s")
         if kl_base:  # the first model stays loaded only for the KL of later ones against it

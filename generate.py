@@ -93,10 +93,11 @@ class GenConfig:
     sp: int = checked(1, lambda x: x >= 0)  # ranks one document is spread over (its caches split by heads: prefills
                                             # sequence-parallel, decoding head-parallel); dp = world / sp groups
                                             # split the documents; 0 = all ranks
-    timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
+    timeout_min: float = checked(60.0, lambda x: 0 < x <= 1e9)  # how long a collective waits for the slowest rank, minutes
                                                          # (NCCL's default is 10): the last one waits for the merge
     dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # auto = bfloat16 on CUDA, float32 on CPU
-    seed: int = 0  # per-document seeds derive from (seed, document index): sharding and resuming change nothing
+    seed: int = checked(0, lambda x: 0 <= x < 2**63)  # per-document seeds derive from (seed, document index): sharding
+                                                     # and resuming change nothing
     plan: bool = False  # print this run's memory plan (a GPU's bytes, term by term; --model's config.json only)
                         # and exit
     plan_check: bool = True  # refuse, before the weights load, a run whose plan does not fit its GPUs
@@ -212,10 +213,19 @@ def decode_one_token(model, cache, token, positions):
     return prefill(model, cache, token[:, None], positions[:, None])
 
 
+class NonFiniteLogits(ValueError):
+    """The model's logits held a NaN or an infinity (an overflow in its forward): rows, the prompts' indices."""
+
+    def __init__(self, rows):
+        super().__init__(f"the model's logits are not finite (prompt(s) {rows} of the batch)")
+        self.rows = rows
+
+
 def nucleus(logits, temperature, top_p):
     """Probabilities sorted in descending order, zero outside the top-p nucleus and renormalised, and the token of
     each sorted slot: (B, V), (B, V)."""
-    probs = torch.softmax(logits.float() / temperature, -1)
+    # from the largest logit down: a tiny temperature then gives the argmax, not inf / inf
+    probs = torch.softmax((logits.float() - logits.float().amax(-1, keepdim=True)) / temperature, -1)
     probs_sort, idx = probs.sort(-1, descending=True)
     # a token is dropped when the tokens ranked above it already hold more than top_p: the top token always stays
     outside = probs_sort.cumsum(-1) - probs_sort > top_p
@@ -359,6 +369,9 @@ def _generate_rows(model, prefix, valid, rows, tails, eos_ids, max_new_tokens, t
         active = list(range(B))  # the rows still decoding, in the order the cache holds them
         t0 = time.time()
         for step in range(max_new_tokens):
+            bad = (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist()  # an overflow in the model: no token
+            if bad:  # drawn from it would mean anything
+                raise NonFiniteLogits([active[j] for j in bad])
             token = sample(logits, temperature, top_p, generator)  # (A,) for the A active rows
             is_eos = torch.isin(token, eos).tolist()
             for j, t in enumerate(token.tolist()):
@@ -456,17 +469,53 @@ def eos_token_ids(model, tokenizer):
 # corpus: reading, the embedded synthetic corpus, the length filter, chunks
 
 
+def corpus_files(path):
+    """The files of --corpus: the file itself, or a folder's files (at any depth, names starting with "." left out),
+    sorted. A folder reached twice (a symlink loop) or a file listed twice (two names, one file) is refused: its
+    documents would be read twice."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise SystemExit(f"--corpus {path}: no such file or folder")
+    files, seen_dirs, seen = [], {}, {}
+    for folder, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            raise SystemExit(f"--corpus {path}: the folder {real} is reached twice ({seen_dirs[real]} and {folder}: a "
+                             "symlink loop or a second link to it); its documents would be read twice")
+        seen_dirs[real] = folder
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(folder, n) for n in names if not n.startswith(".")]
+    for f in sorted(files):
+        real = os.path.realpath(f)
+        if real in seen:
+            raise SystemExit(f"--corpus {path} lists one file twice ({seen[real]} and {f} are {real}); its "
+                             "documents would be read twice")
+        seen[real] = f
+    if not files:
+        raise SystemExit(f"--corpus {path}: the folder holds no files")
+    return sorted(files)
+
+
+def check_outputs(cfg, files):
+    """Refuses an --out that would overwrite an input or be read as one: a corpus file itself, or inside a corpus
+    folder (a rerun would read the records and parts as documents), or the model's folder."""
+    for target in (cfg.out, cfg.out + ".parts"):
+        real = os.path.realpath(target)
+        for f in files:
+            if os.path.realpath(f) == real or os.path.realpath(f).startswith(real + os.sep):
+                raise SystemExit(f"--out {cfg.out}: {target} is (or holds) the corpus's file {f}; the records would "
+                                 "replace the corpus: choose another --out")
+        for folder, flag in ((cfg.corpus, "--corpus"), (cfg.model, "--model")):
+            if folder and os.path.isdir(folder) and real.startswith(os.path.realpath(folder) + os.sep):
+                raise SystemExit(f"--out {cfg.out}: {target} lies inside the {flag} folder {folder}; a rerun would "
+                                 "read it as input: choose another --out")
+
+
 def read_corpus(path):
     """[(source, text)] from a text file, a JSONL file (one {"text": ...} per line) or a folder of such files.
     Bad input stops with a message naming the file (and line)."""
-    if os.path.isdir(path):
-        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f))
-        if not files:
-            raise SystemExit(f"--corpus {path}: the folder holds no files")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise SystemExit(f"--corpus {path}: no such file or folder")
+    files = corpus_files(path)
     docs = []
     for f in files:
         with open(f, "rb") as fh:
@@ -953,6 +1002,7 @@ def main(argv):
         return longpo.print0(longpo.format_plan(f"generation, a GPU's memory (a document of {cfg.max_len} tokens "
                                                 f"over sp {sp} rank(s), chunks of {chunk}, {dtype})",
                                                 gen_plan(cfg, config, sp, dtype, chunk)))
+    check_outputs(cfg, corpus_files(cfg.corpus) if cfg.corpus else [])  # before anything is read or written
     env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world} = dp {env.dp} x sp {env.sp}: dp groups split the documents, each document "
@@ -960,6 +1010,7 @@ def main(argv):
     dtype = longpo.inference_dtype(cfg.dtype, env.device)
 
     # the chunk size from πS's window (a chunk that cannot fit is refused before anything is written or loaded)
+    longpo.check_weights(cfg.model)
     tokenizer = longpo.load_tokenizer(cfg.model)
     window = config.max_position_embeddings
     longest, budgets = max_chunk_tokens(tokenizer, window, cfg)
@@ -1054,6 +1105,9 @@ def main(argv):
         try:
             record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name,
                                           env.sp_group)
+        except NonFiniteLogits as e:  # no record is written from such numbers
+            raise SystemExit(f"document {i} ({source}): {e}; nothing of it is written (--dtype float32 may avoid "
+                             "an overflow of bfloat16)") from None
         except longpo.RenderError as e:  # a chat this template will not render: skipped, never blocking a resume
             if writer:
                 print(f"skipping document {i} ({source}): {e}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ P sequence-parallel ranks, V vocabulary, n turns of a record, M (source, target)
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -84,7 +85,9 @@ class Config:
     sft_target: str = checked("chosen", choices=("chosen", "rejected"))  # --loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)
     # optimisation
     optimizer: str = checked("adam", choices=("adam", "rmsprop"))  # adam (paper §4.1) | rmsprop (the released recipe)
-    lr: float = checked(0.0, lambda x: x >= 0)  # learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3)
+    lr: float = checked(0.0, lambda x: 0 <= x <= FLOAT32_MAX / 10)  # learning rate; 0 = the paper's for the loss: 5e-7
+                                                                     # (LongPO, DPO), 2e-5 (SFT, B.3); Adam's first
+                                                                     # step divides it by 1 - β1 = 0.1 in float32
     weight_decay: float = checked(0.0, lambda x: x >= 0)  # the paper's Adam has none
     lr_schedule: str = checked("constant", choices=("constant", "cosine"))  # after the warm-up: constant (the
                                                                             # paper states no schedule) | cosine
@@ -95,7 +98,7 @@ class Config:
     global_batch: int = checked(8, lambda x: x >= 1)  # records per optimizer step (paper: 8), reached by gradient accumulation
     epochs: int = checked(1, lambda x: x >= 1)  # passes over the data
     max_steps: int = checked(-1, lambda x: x >= -1)  # stop after this many optimizer steps; -1 = all epochs
-    seed: int = 0  # data order
+    seed: int = checked(0, lambda x: 0 <= x < 2**63)  # data order (torch's seeds are 64-bit)
     # parallelism and memory
     sp: int = 0  # sequence-parallel group size P; 0 = all ranks; dp = world / sp
     logp_budget: int = checked(1 << 25, lambda x: x >= 1)  # logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never (T, V)
@@ -106,7 +109,7 @@ class Config:
     save_every: int = checked(50, lambda x: x >= 1)  # optimizer steps between checkpoints (and one at the end)
     keep_last: int = checked(3, lambda x: x >= 1)  # checkpoints kept in --out: older ones are removed once a newer
                                                    # one is written whole (a 7B model's takes about 100 GB)
-    timeout_min: float = checked(60.0, lambda x: x > 0)  # how long a collective waits for the slowest rank, minutes
+    timeout_min: float = checked(60.0, lambda x: 0 < x <= 1e9)  # how long a collective waits for the slowest rank, minutes
                                                          # (NCCL's default is 10): rank 0 alone writes a checkpoint's
                                                          # HF copy while the others wait
     max_bad_steps: int = checked(3, lambda x: x >= 1)  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
@@ -1087,15 +1090,23 @@ def index_lines(path):
     return out
 
 
-def read_record_at(path, offset, lineno, need_ref=True):
+def read_record_at(path, offset, lineno, need_ref=True, sha=None):
+    """The record on a line of a JSONL file, validated; its line number as '_line' and its bytes' hash as '_sha'.
+    sha: the hash the line had when it was validated; other bytes there now mean the file changed under the run."""
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.readline()
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha is not None and digest != sha:
+        raise InputError(f"{path}:{lineno}: the file changed while this run used it (the line's bytes differ from "
+                         "those it validated at the start): start again on the file as it is now")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}:{lineno}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
-    return _parse_line(path, lineno, line, need_ref)
+    rec = _parse_line(path, lineno, line, need_ref)
+    rec["_sha"] = digest
+    return rec
 
 
 def read_records(path, need_ref=True):
@@ -1178,6 +1189,11 @@ def load_tokenizer(path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise SystemExit(f"--model {path}: the tokenizer has no chat template")
+    ids, turns = render_chat(tokenizer, ["Hello.", "Hi."])
+    if not any(ids[j] in end_of_turn_ids(tokenizer) for j in range(len(ids)) if turns[j] == 1):
+        raise SystemExit(f"--model {path}: its chat template ends an assistant turn without an end-of-turn token "
+                         f"(the tokenizer's EOS, or one of {', '.join(END_OF_TURN)}): a response is its text and "
+                         "that token, which the sampler stops at, so this template cannot mark one")
     return tokenizer
 
 
@@ -1380,6 +1396,18 @@ def unlock_dir(lock):
         lock.close()
 
 
+def check_weights(path, label=None):
+    """Refuses, in one line naming the tensor, a model directory whose weights (safetensors files) hold a NaN or an
+    infinity: read one tensor at a time, before any model is built. The three scripts call it first."""
+    from safetensors import safe_open
+    path = path or default_model_dir()
+    for name in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(name, framework="pt") as f:
+            for key in f.keys():
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    raise SystemExit(f"{label or '--model ' + path}: tensor {key} holds non-finite values")
+
+
 def non_finite_parameter(model, env=None):
     """The name of the first parameter holding a NaN or an infinity, or None. Under FSDP2 each rank checks its own
     shards; with env, the ranks agree (a collective: every rank must call it), and a rank whose own shards are
@@ -1420,15 +1448,36 @@ def save_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, da
         if env.master:  # the new checkpoint is whole: older ones beyond --keep_last may go
             prune_checkpoints(cfg.out, cfg.keep_last)
         return
-    if env.master:
-        shutil.rmtree(tmp, ignore_errors=True)
+    left = ""
+    if env.master and not remove_tree(tmp):
+        left = f"; the partial {tmp} could not be removed: remove it by hand"
     free = -state[2].item()
     if state[1] or free < 64 * 2**20:  # torch reports a full disk as e.g. "unexpected pos 704 vs 598"
         raise SystemExit(f"saving step {step} failed: the disk under --out {cfg.out} is full ({free / 2**20:.0f} MiB "
-                         f"free); earlier checkpoints are intact: free some space and pass --resume") from None
+                         f"free); earlier checkpoints are intact: free some space and pass --resume{left}") from None
     if failed is not None:
-        raise failed
+        raise SystemExit(f"saving step {step} failed: {error_text(failed)}; earlier checkpoints are intact: mend it "
+                         f"and pass --resume{left}") from None
     raise SystemExit(f"saving step {step} failed on another rank (its error is printed there)")
+
+
+def error_text(e):
+    """One line for an exception: an OSError's reason and path, a CheckpointException's first failure."""
+    failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    e = failures[0] if failures else e
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def remove_tree(path):
+    """Remove a directory tree (or a file) at path, as far as possible; True when nothing is left there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return not os.path.lexists(path)
 
 
 def _disk_full(e):
@@ -1442,7 +1491,7 @@ def _disk_full(e):
 def _write_checkpoint(cfg, env, policy, optimizer, tokenizer, step, save_dtype, data_sha256, total_steps, tmp):
     final = os.path.join(cfg.out, f"step-{step:06d}")
     if env.master:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)  # an earlier attempt's leftover, directory or file
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
@@ -1516,10 +1565,38 @@ def check_resumable(cfg, path, data_sha256, total_steps):
         raise SystemExit(f"--resume from {path}: the run was started with other settings: {'; '.join(diff)}")
 
 
+def checkpoint_problem(path):
+    """What makes a checkpoint directory unusable by --resume, or None: its config, its train state's metadata, and
+    every shard file as long as the metadata says (a truncated copy, a half-deleted directory)."""
+    try:
+        with open(os.path.join(path, "longpo_config.json")) as f:
+            if not isinstance(json.load(f).get("step"), int):
+                return "longpo_config.json names no step"
+    except FileNotFoundError:
+        return "it has no longpo_config.json"
+    except (OSError, ValueError, AttributeError):
+        return "longpo_config.json is not a JSON object"
+    state = os.path.join(path, "train_state")
+    try:
+        meta = dcp.FileSystemReader(state).read_metadata()
+    except Exception:  # noqa: BLE001: a missing or damaged file, whatever torch raises for it
+        return "train_state/.metadata is missing or unreadable"
+    for item in meta.storage_data.values():  # each tensor's bytes: file, offset, length
+        f = os.path.join(state, item.relative_path)
+        size = os.path.getsize(f) if os.path.exists(f) else None
+        if size is None or size < item.offset + item.length:
+            return f"train_state/{item.relative_path} is " + ("missing" if size is None else
+                                                             f"truncated ({size} of {item.offset + item.length} bytes)")
+    return None
+
+
 def load_train_state(path, policy, optimizer):
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    try:
+        dcp.load(state, checkpoint_id=os.path.join(path, "train_state"))
+    except (Exception, dcp.api.CheckpointException) as e:  # damage the sizes do not show
+        raise SystemExit(f"--resume: {path} cannot be loaded ({error_text(e)})") from None
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with open(os.path.join(path, "longpo_config.json")) as f:
         return json.load(f)["step"]
@@ -1541,16 +1618,24 @@ def load_example(cfg, tokenizer, entry):
 
 def record_tokens(cfg, tokenizer, entry):
     """The longer of a record's two long sequences, in tokens, rendered as training renders them (both branches
-    whatever the loss: the baselines skip the same records as LongPO), and the length of its packed sequence
-    (prefix and both branches: what one forward holds); no tensors built."""
-    _, (seqs, p) = _rendered(cfg, tokenizer, entry, lambda rec: render_branches(tokenizer, rec))
-    return max(len(ids) for ids, _ in seqs), sum(len(ids) for ids, _ in seqs) - p
+    whatever the loss: the baselines skip the same records as LongPO), the length of its packed sequence (prefix
+    and both branches: what one forward holds), and its line's hash; no tensors built. A record far over --max_len
+    is measured in one pass, each branch's chat rendered and tokenized whole (render_chat renders every prefix of a
+    chat, quadratic in its turns): a few tokens of slack a message cover tokens merged across its boundaries."""
+    rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
+    whole = max(len(tokenizer(tokenizer.apply_chat_template(
+        [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(long_messages(rec, b))],
+        tokenize=False), add_special_tokens=False)["input_ids"]) for b in ("chosen", "rejected"))
+    if whole > cfg.max_len + 4 * 2 * len(rec["turns"]):
+        return whole, whole, rec["_sha"]  # skipped: its packed length is never used
+    rec, (seqs, p) = _rendered(cfg, tokenizer, entry, lambda rec: render_branches(tokenizer, rec))
+    return max(len(ids) for ids, _ in seqs), sum(len(ids) for ids, _ in seqs) - p, rec["_sha"]
 
 
 def _rendered(cfg, tokenizer, entry, render):
     """(record, render(record)) of one data entry; a record that cannot be rendered names its file, line and
     field."""
-    rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo")
+    rec = read_record_at(cfg.data, entry["offset"], entry["line"], cfg.loss == "longpo", entry.get("sha"))
     try:
         return rec, render(rec)
     except ValueError as e:
@@ -1567,7 +1652,7 @@ def special_field(rec, tokenizer):
 
 def prepare_data(cfg, tokenizer, env=None):
     """Validate every record and measure its long sequences, the work split over all ranks; returns the entries
-    that fit --max_len as {offset, line, tokens, packed}. Over-long records are skipped with a count (or, with
+    that fit --max_len as {offset, line, tokens, packed, sha}: every later read of a record checks its sha. Over-long records are skipped with a count (or, with
     --too_long error, raise). Packing itself waits until a record is used (load_example)."""
     rank, world = (env.rank, env.world) if env is not None else (0, 1)
     lines = index_lines(cfg.data)
@@ -1575,8 +1660,8 @@ def prepare_data(cfg, tokenizer, env=None):
     for k in range(rank, len(lines), world):
         entry = {"offset": lines[k][0], "line": lines[k][1]}
         try:
-            tokens, packed = record_tokens(cfg, tokenizer, entry)
-            mine.append({**entry, "tokens": tokens, "packed": packed})
+            tokens, packed, sha = record_tokens(cfg, tokenizer, entry)
+            mine.append({**entry, "tokens": tokens, "packed": packed, "sha": sha})
         except ValueError as e:
             error = (entry["line"], str(e))
             break
@@ -1616,12 +1701,20 @@ def writer_mismatch(cfg, entry):
 def schedule(num_records, cfg):
     """Record indices of every optimizer step: a seeded shuffle per epoch, global_batch records a step. Step s,
     dp group g takes records order[s][g::dp]: a resumed run sees exactly what an uninterrupted one would."""
+    per_epoch = num_records // cfg.global_batch
+    total = min(cfg.epochs * per_epoch, cfg.max_steps if cfg.max_steps >= 0 else cfg.epochs * per_epoch)
+    if total > MAX_STEPS:  # the schedule is a list in memory
+        raise SystemExit(f"--epochs {cfg.epochs} over {num_records} records is {cfg.epochs * per_epoch} steps, more "
+                         f"than {MAX_STEPS:,}: pass --max_steps")
     steps = []
-    for epoch in range(cfg.epochs):  # batches never straddle epochs: a record appears at most once a step
-        perm = list(range(num_records))
+    for epoch in range(-(-total // per_epoch) if per_epoch else 0):  # batches never straddle epochs: a record
+        perm = list(range(num_records))  # appears at most once a step
         random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
         steps += [perm[i:i + cfg.global_batch] for i in range(0, num_records - cfg.global_batch + 1, cfg.global_batch)]
-    return steps[:cfg.max_steps] if cfg.max_steps >= 0 else steps
+    return steps[:total]
+
+
+MAX_STEPS = 10**7  # the longest schedule a run plans (the paper's runs: thousands of steps)
 
 
 def learning_rate(cfg, step, total):
@@ -1696,6 +1789,17 @@ def train(cfg):
     print0(json.dumps(dataclasses.asdict(cfg)))
     if not creatable_dir(cfg.out):
         raise SystemExit(f"--out {cfg.out}: a file (or under one), expected a directory for checkpoints and metrics")
+    out = os.path.realpath(cfg.out)
+    written = [os.path.join(out, f) for f in ("metrics.jsonl", "dpo_reference.json", ".lock")]
+    data = os.path.realpath(cfg.data)
+    if data in written or re.match(re.escape(out + os.sep) + r"(\.tmp-|\.trash-)?step-", data):
+        raise SystemExit(f"--data {cfg.data} is a file this run writes or removes in --out {cfg.out}: choose another "
+                         "--out, or move the data")
+    if cfg.model and os.path.realpath(cfg.model).startswith(out + os.sep):
+        raise SystemExit(f"--model {cfg.model} lies inside --out {cfg.out}, whose older checkpoints a run removes "
+                         "(--keep_last): continue a run with --resume, or start the next round in another --out")
+    check_weights(cfg.model)  # before anything is written; every rank reads the same files and stops alike
+    tokenizer = load_tokenizer(cfg.model)
     # one run at a time into --out: rank 0 takes the lock, every rank stops on its refusal
     lock, note = lock_dir(cfg.out) if env.master else (None, None)
     refused = torch.tensor([float(env.master and lock is None)], device=env.device)  # (1,)
@@ -1706,7 +1810,7 @@ def train(cfg):
     if note:
         print0(note)
     try:
-        _train(cfg, env)
+        _train(cfg, env, tokenizer)
     finally:
         unlock_dir(lock)
     # FSDP's device mesh holds the process group: with _train's policy and optimizer collected here, the group goes
@@ -1716,7 +1820,7 @@ def train(cfg):
     teardown_distributed()
 
 
-def _train(cfg, env):
+def _train(cfg, env, tokenizer):
     accum = cfg.global_batch // env.dp
     found = checkpoints(cfg.out)
     if cfg.resume and not found:
@@ -1724,10 +1828,16 @@ def _train(cfg, env):
     if found and not cfg.resume:  # a fresh run would mix its checkpoints with an earlier run's
         raise SystemExit(f"--out {cfg.out} holds checkpoints of an earlier run (newest {found[-1]}): "
                          "pass --resume to continue it, or choose another --out")
+    problem = checkpoint_problem(found[-1]) if found else None
+    if problem:  # damaged by hand or by a disk: say so, and name the newest whole one
+        whole = next((c for c in reversed(found[:-1]) if checkpoint_problem(c) is None), None)
+        raise SystemExit(f"--resume: {found[-1]} is not a complete checkpoint ({problem}); " + (
+            f"{whole} is: move {found[-1]} out of {cfg.out} to resume from it" if whole else
+            f"no older checkpoint in {cfg.out} is complete"))
 
     # data first (the tokenizer alone reads it): a malformed record costs seconds, not a model load, and the memory
     # plan is checked on the longest packed sequence before any weight is read
-    tokenizer = load_tokenizer(cfg.model)
+    data_sha256 = file_fingerprint(cfg.data)  # of the bytes validated next; each record read later is checked
     data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
     param_dtype, compute_dtype = _dtype_of(cfg, env.device)
     check_plan("training", train_plan(cfg, env.sp, env.dp, str(compute_dtype)[6:], max(e["packed"] for e in data)),
@@ -1735,14 +1845,10 @@ def _train(cfg, env):
     # model, optimizer: rank 0 reads the weights; under a process group the other ranks build the model on the meta
     # device and get their shards from rank 0 (build_policy)
     model, _ = load_model(cfg.model, param_dtype, "longpo", cfg.rope_theta, cfg.max_len, weights=env.master)
-    bad = [non_finite_parameter(model) if env.master else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(bad, 0)  # every rank stops on rank 0's finding
-    if bad[0] is not None:
-        raise SystemExit(f"--model {cfg.model or default_model_dir()}: tensor {bad[0]} holds non-finite values")
     save_dtype = getattr(AutoConfig.from_pretrained(cfg.model or default_model_dir()), "dtype", None) or param_dtype
     save_dtype = getattr(torch, save_dtype) if isinstance(save_dtype, str) else save_dtype  # the source's dtype
-    data_sha256 = file_fingerprint(cfg.data)
+    if file_fingerprint(cfg.data) != data_sha256:
+        raise SystemExit(f"--data {cfg.data}: the file changed while it was being validated; start again")
     warning = writer_mismatch(cfg, data[0])
     if warning:
         print0(warning)
@@ -1761,12 +1867,13 @@ def _train(cfg, env):
                + (f" (lines {lines[:10]}{' ...' if len(lines) > 10 else ''})" if lines else ""))
     if env.master:
         os.makedirs(cfg.out, exist_ok=True)
-        for tmp in glob.glob(os.path.join(cfg.out, ".tmp-step-*")):  # a checkpoint a crash left half-written
-            print0(f"removing {tmp}: a checkpoint left unfinished by an earlier run")
-            shutil.rmtree(tmp, ignore_errors=True)
-        for trash in glob.glob(os.path.join(cfg.out, ".trash-step-*")):  # one a crash left half-removed
-            print0(f"removing {trash}: an old checkpoint an earlier run was removing (--keep_last)")
-            shutil.rmtree(trash, ignore_errors=True)
+        leftovers = [(p, "a checkpoint left unfinished by an earlier run") for p in  # a crash left it half-written
+                     glob.glob(os.path.join(cfg.out, ".tmp-step-*"))]
+        leftovers += [(p, "an old checkpoint an earlier run was removing (--keep_last)") for p in  # or half-removed
+                      glob.glob(os.path.join(cfg.out, ".trash-step-*"))]
+        for path, what in leftovers:
+            print0(f"removed {path}: {what}" if remove_tree(path) else f"could not remove {path} ({what}): remove "
+                   "it by hand")
     if found:
         check_resumable(cfg, found[-1], data_sha256, len(steps))
     # DPO's reference is the initial policy's: computed (or read back) before a resumed run loads its weights

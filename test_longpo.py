@@ -8,6 +8,7 @@ Qwen2 / Llama models and a byte-level BPE tokenizer trained here stand in for re
 
 import copy
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -617,7 +618,7 @@ def test_keep_last_removes_old_checkpoints_and_survives_kill_9_at_each_point(tin
         assert p.returncode == -9, (point, p.stderr[-2000:])
         assert [os.path.basename(c) for c in longpo.checkpoints(str(tmp_path / "cut"))] == left, point
     p = subprocess.run([sys.executable, *args, "--resume"], capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert p.returncode == 0 and "removing " in p.stdout and "nothing left to train" in p.stdout, p.stderr[-2000:]
+    assert p.returncode == 0 and "removed " in p.stdout and "nothing left to train" in p.stdout, p.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "cut")) == sorted(os.listdir(full))  # the leftover .trash gone
     a, b = load_weights(full / "step-000005"), load_weights(tmp_path / "cut" / "step-000005")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -2491,3 +2492,296 @@ def test_update_that_overflows_a_weight_stops_at_once(tiny, tmp_path):
     p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert p.returncode == 2 and "stopping at step 1: its update made parameter" in p.stderr and "--lr 3e+38" in p.stderr
     assert longpo.checkpoints(str(out)) == []
+
+
+# -----------------------------------------------------------------------------
+# hostile input, by class: no wrong number, no silent loss, no traceback (each class: several cases, run as the
+# command line runs them, through run_script, and one case of each as a separate process)
+
+
+def cli(main, argv, capsys):
+    """A script's main as its command line runs it (longpo.run_script): (exit status, stdout, stderr)."""
+    try:
+        longpo.run_script(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err):
+    """The last line of stderr, which run_script writes (transformers' loading bars may precede it)."""
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert "Traceback" not in err and lines, err[-2000:]
+    return lines[-1]
+
+
+def train_main(argv):
+    return longpo.train(longpo.parse_config(longpo.Config, argv))
+
+
+def eval_main(argv):
+    return E.main(longpo.parse_config(E.EvalConfig, argv))
+
+
+def scaled_model(tmp_path, name, factor):
+    """A copy of a tiny model with its LM head scaled by factor (1e38: finite weights whose logits overflow)."""
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / name
+    shutil.copytree(make_model(str(tmp_path / (name + "_src"))), path)
+    weights = load_file(str(path / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * factor
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return str(path)
+
+
+def test_hostile_non_finite_scores_are_reported_never_scored(tmp_path, capsys):
+    """Class 1: a model whose weights are finite but whose logits overflow (head x 1e38): every table says
+    "non-finite" where a number would be (generated answers, multiple-choice records, NLL, MC acc), nothing is
+    scored, and the JSON and its cells stay strict JSON."""
+    bad = scaled_model(tmp_path, "overflow", 1e38)
+    good = make_model(str(tmp_path / "good"))
+    short = make_records(str(tmp_path / "short.jsonl"), n=2)
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "what is red", "choices": ["red", "blue"], "answer": 0}) + "\n")
+    code, out, err = cli(eval_main, ["--models", f"a={good}", f"b={bad}", "--lengths", "512", "--tasks", "niah_single",
+                                     "mc_records", "--samples", "2", "--max_new_tokens", "4", "--short_data", short,
+                                     "--mc", mc, "--json", tmp_path / "e.json"], capsys)
+    assert code == 0, err[-2000:]
+    tables = out[out.index("RULER-like"):]
+    row = lambda name, *words: next(x for x in tables.splitlines() if x.split()[:1 + len(words)] == [name, *words])
+    assert row("b").split()[1:3] == ["non-finite", "non-finite"] and "non-finite" not in row("a")
+    assert row("b", "niah_single").split()[2] == "non-finite" and row("b", "mc_records").split()[2] == "non-finite"
+    assert [x for x in tables.splitlines() if x.startswith("b ")][-1].split()[1:3] == ["non-finite", "non-finite"]
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    rep = strict((tmp_path / "e.json").read_text())
+    b = rep["models"]["b"]
+    assert b["long"]["niah_single"]["512"]["score"] is None and b["ruler_avg"] is None and b["short"]["nll"] is None
+    assert b["short"]["acc"] is None and all(s.get("non_finite") for s in b["long"]["mc_records"]["512"]["samples"])
+    for line in (tmp_path / "e.json.cells.jsonl").read_text().splitlines():
+        strict(line)
+
+
+def test_hostile_outputs_over_inputs_are_refused(tiny, tmp_path, capsys):
+    """Class 2: an --out that is the corpus (or inside its folder), a corpus folder reached twice through a symlink
+    loop or listing one file twice, an eval --json that is its --mc file, a longpo.py --data that is a file its
+    --out holds: each refused in one line before any work, the inputs unchanged."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": words(random.Random(0), 200)}) + "\n")
+    before = corpus.read_bytes()
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(words(random.Random(1), 200))
+    loop = tmp_path / "loop"
+    shutil.copytree(folder, loop)
+    os.symlink(loop, loop / "sub" / "back")  # a folder reachable through a link back to itself
+    twice = tmp_path / "twice"
+    shutil.copytree(folder, twice)
+    os.symlink(twice / "a.txt", twice / "sub" / "b.txt")
+    model = tiny / "model"
+    cases = [([f"--corpus={corpus}", f"--out={corpus}"], f"--out {corpus}: {corpus} is (or holds) the corpus's file"),
+             ([f"--corpus={folder}", f"--out={folder / 'records.jsonl'}"], f"lies inside the --corpus folder {folder}"),
+             ([f"--corpus={loop}", f"--out={tmp_path / 'o.jsonl'}"], "is reached twice"),
+             ([f"--corpus={twice}", f"--out={tmp_path / 'o.jsonl'}"], "lists one file twice")]
+    for args, message in cases:
+        code, _, err = cli(G.main, [f"--model={model}", *args], capsys)
+        assert code == 2 and message in one_line(err), (args, err[-1000:])
+    assert corpus.read_bytes() == before and not os.path.exists(str(corpus) + ".parts")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    code, _, err = cli(eval_main, ["--models", f"a={model}", "--mc", mc, "--json", mc], capsys)
+    assert code == 2 and f"--json {mc}: {mc} is the --mc file" in one_line(err)
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "metrics.jsonl"
+    shutil.copy(tiny / "data.jsonl", data)
+    code, _, err = cli(train_main, ["--data", data, "--model", model, "--out", out, "--max_len", 4096], capsys)
+    assert code == 2 and "is a file this run writes or removes in --out" in one_line(err)
+    assert data.read_bytes() == (tiny / "data.jsonl").read_bytes()
+    p = subprocess.run([sys.executable, "generate.py", "--model", str(model), "--corpus", str(corpus), "--out",
+                        str(corpus)], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and "the records would replace the corpus" in one_line(p.stderr)
+    assert corpus.read_bytes() == before
+
+
+def test_hostile_data_changed_under_a_run_is_noticed(tiny, tmp_path, monkeypatch, capsys):
+    """Class 3: --data rewritten in place after the first step, at the same length and at another: the run stops
+    at the first record it reads again, in one line saying the file changed (not "malformed JSON" about a valid
+    line), and the checkpoint it wrote records the sha256 of the data it trained on."""
+    real = longpo.accumulate
+    for edit in (lambda t: t.replace("the", "teh"), lambda t: t.replace("the", "the the")):
+        data = tmp_path / "data.jsonl"
+        shutil.copy(tiny / "data.jsonl", data)
+        sha = longpo.file_fingerprint(str(data))
+        steps = []
+
+        def accumulate(*a, **k):
+            if steps:  # after the first step: the file is edited in place
+                data.write_text(edit(data.read_text()))
+            steps.append(1)
+            return real(*a, **k)
+        monkeypatch.setattr(longpo, "accumulate", accumulate)
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}"
+        code, _, err = cli(train_main, ["--data", data, "--model", tiny / "model", "--out", out, "--max_len", 4096,
+                                        "--global_batch", 2, "--save_every", 1, "--logp_budget", 64 * 320], capsys)
+        assert code == 2 and "the file changed while this run used it" in one_line(err), err[-1000:]
+        assert json.load(open(out / "step-000001" / "longpo_config.json"))["data_sha256"] == sha
+
+
+def test_hostile_damaged_checkpoints_are_named(tiny, tmp_path, capsys):
+    """Class 4: --resume over a truncated train-state shard, a missing .metadata, a corrupt longpo_config.json, or
+    a step directory that holds no checkpoint: one line naming the checkpoint and its damage, and the older complete
+    checkpoint to resume from."""
+    out = tmp_path / "out"
+    args = ["--data", tiny / "data.jsonl", "--model", tiny / "model", "--max_len", 4096, "--global_batch", 2,
+            "--logp_budget", 64 * 320, "--save_every", 1]
+    code, _, err = cli(train_main, [*args, "--out", out, "--max_steps", 2], capsys)
+    assert code == 0, err[-2000:]
+
+    def truncate(d):
+        shard = next(f for f in os.listdir(d / "train_state") if f.endswith(".distcp"))
+        with open(d / "train_state" / shard, "r+b") as f:
+            f.truncate(os.path.getsize(d / "train_state" / shard) // 2)
+    damages = [(truncate, "is truncated"), (lambda d: os.remove(d / "train_state" / ".metadata"),
+                                            "train_state/.metadata is missing"),
+               (lambda d: (d / "longpo_config.json").write_text("{oops"), "longpo_config.json is not a JSON object"),
+               (lambda d: shutil.rmtree(d) or d.mkdir(), "it has no longpo_config.json")]
+    for k, (damage, message) in enumerate(damages):
+        copy = tmp_path / f"copy{k}"
+        shutil.copytree(out, copy)
+        damage(copy / "step-000002")
+        code, _, err = cli(train_main, [*args, "--out", copy, "--max_steps", 3, "--resume"], capsys)
+        line = one_line(err)
+        assert code == 2 and line.startswith(f"--resume: {copy / 'step-000002'} is not a complete checkpoint (")
+        assert message in line and f"{copy / 'step-000001'} is: move" in line, line
+    p = subprocess.run([sys.executable, *map(str, train_main_args := ["longpo.py", *args, "--out", tmp_path / "copy0",
+                                                                      "--max_steps", 3, "--resume"])],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and "is not a complete checkpoint" in one_line(p.stderr), train_main_args
+
+
+def test_hostile_save_failures_say_what_failed(tiny, tmp_path, monkeypatch, capsys):
+    """Class 5: a checkpoint that cannot be written (the folder made read-only: permission denied) ends in one line
+    naming the cause, and says so when the partial directory cannot be removed either; a file left where the
+    temporary checkpoint goes is removed and the save goes on."""
+    args = ["--data", tiny / "data.jsonl", "--model", tiny / "model", "--max_len", 4096, "--global_batch", 2,
+            "--logp_budget", 64 * 320, "--max_steps", 1]
+    real = os.makedirs
+
+    def denied(path, *a, **k):
+        if ".tmp-step-" in str(path):
+            real(path, *a, **k)  # made, then refused: a partial directory is left to remove
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(os, "makedirs", denied)
+    out = tmp_path / "ro"
+    code, _, err = cli(train_main, [*args, "--out", out], capsys)
+    line = one_line(err)
+    assert code == 2 and line.startswith("saving step 1 failed: Permission denied: ") and "intact" in line, line
+    assert not [f for f in os.listdir(out) if f.startswith((".tmp", "step"))]
+    monkeypatch.setattr(longpo.shutil, "rmtree", lambda *a, **k: None)  # and the leftover cannot be removed
+    code, _, err = cli(train_main, [*args, "--out", tmp_path / "ro2"], capsys)
+    assert code == 2 and "could not be removed: remove it by hand" in one_line(err)
+    monkeypatch.undo()
+    out = tmp_path / "file"
+    out.mkdir()
+    (out / ".tmp-step-000001").write_text("not a directory")
+    code, stdout, err = cli(train_main, [*args, "--out", out], capsys)
+    assert code == 0 and f"removed {out / '.tmp-step-000001'}" in stdout and longpo.checkpoints(str(out)), err
+
+
+def test_hostile_flags_are_checked_against_their_use(tiny, tmp_path, capsys):
+    """Class 6: numbers the code cannot use are refused in one line at the flag, not deep inside torch: an lr
+    Adam's first step overflows (1e38), seeds outside 64 bits, timeouts past a timedelta, a schedule too long to
+    hold, lengths and budgets no task or cache can take; a temperature near 0 samples the argmax, not NaN."""
+    model, data = tiny / "model", tiny / "data.jsonl"
+    train = ["--data", data, "--model", model, "--out", tmp_path / "o", "--max_len", 4096]
+    for extra, message in ((["--lr", "1e38"], "--lr 1e+38 is out of range"), (["--seed", "1e30"], "--seed"),
+                           (["--seed", "-1"], "--seed -1 is out of range"),
+                           (["--timeout_min", "1e30"], "--timeout_min 1e+30 is out of range"),
+                           (["--epochs", "1e12", "--global_batch", "2"], "steps, more than 10,000,000")):
+        code, _, err = cli(train_main, [*train, *extra], capsys)
+        assert code == 2 and message in one_line(err), (extra, err[-800:])
+    for extra, message in ((["--seed", "1e30"], "--seed"), (["--timeout_min", "1e12"], "--timeout_min")):
+        code, _, err = cli(G.main, ["--model", model, "--out", tmp_path / "g.jsonl", *extra], capsys)
+        assert code == 2 and message in one_line(err) and "out of range" in one_line(err)
+    for extra, message in ((["--lengths", "infK"], "--lengths takes token counts"),
+                           (["--lengths", "1e9"], "over the 4,194,304 (4M) a task is written for"),
+                           (["--samples", "1e9"], "--samples"), (["--max_new_tokens", "1e12"], "--max_new_tokens")):
+        code, _, err = cli(eval_main, ["--models", f"a={model}", *extra], capsys)
+        assert code == 2 and message in one_line(err), (extra, err[-800:])
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 30
+    for t in (1e-40, 1e-30):
+        assert torch.equal(G.sample(logits, t, 0.9, torch.Generator().manual_seed(1)), logits.argmax(-1))
+    p = subprocess.run([sys.executable, "longpo.py", *map(str, train), "--lr", "1e38"], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert p.returncode == 2 and one_line(p.stderr) == "--lr 1e+38 is out of range"
+
+
+def test_hostile_non_finite_models_refused_by_every_script(tiny, tmp_path, capsys):
+    """Class 7: a --model with a NaN weight is refused by longpo.py, generate.py and eval.py alike, in one line naming
+    the tensor, before any work (nothing written)."""
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "nan"
+    shutil.copytree(tiny / "model", model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = sorted(weights)[2]
+    weights[name].view(-1)[1] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": words(random.Random(0), 300)}) + "\n")
+    for main, argv, label in ((train_main, ["--data", tiny / "data.jsonl", "--model", model, "--out", tmp_path / "o",
+                                            "--max_len", 4096], f"--model {model}"),
+                              (G.main, ["--model", model, "--corpus", corpus, "--out", tmp_path / "g.jsonl"],
+                               f"--model {model}"),
+                              (eval_main, ["--models", f"a={model}", "--json", tmp_path / "e.json"],
+                               f"--models a={model}")):
+        code, _, err = cli(main, argv, capsys)
+        assert code == 2 and one_line(err) == f"{label}: tensor {name} holds non-finite values", err[-800:]
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "nan"]  # nothing written by any of them
+    p = subprocess.run([sys.executable, "generate.py", "--model", str(model), "--corpus", str(corpus), "--out",
+                        str(tmp_path / "g.jsonl")], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert p.returncode == 2 and one_line(p.stderr) == f"--model {model}: tensor {name} holds non-finite values"
+
+
+def test_hostile_many_turns_are_measured_in_one_pass(tiny, tmp_path, monkeypatch):
+    """Class 8: a record of 2,000 turns over --max_len is measured by rendering each branch's chat once (not each of
+    its 4,000 prefixes) and skipped; a short record of many turns is still measured exactly, as training renders it."""
+    rng = random.Random(0)
+    turn = lambda: dict(chunk=[0, 10], instruction=words(rng, 3), chosen=words(rng, 2), rejected=words(rng, 2),
+                        ref_chosen_logp=-3.0, ref_rejected_logp=-4.0)
+    long_rec = {"id": "many", "document": words(rng, 40), "turns": [turn() for _ in range(2000)]}
+    short_rec = {"id": "few", "document": words(rng, 40), "turns": [turn() for _ in range(6)]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(long_rec) + "\n" + json.dumps(short_rec) + "\n")
+    tok = longpo.load_tokenizer(str(tiny / "model"))
+    calls = []
+    real = type(tok).apply_chat_template
+    monkeypatch.setattr(type(tok), "apply_chat_template", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    kept = longpo.prepare_data(longpo.Config(data=str(data), max_len=4096), tok)
+    assert [e["line"] for e in kept] == [2] and len(calls) < 2 * 2 + 4 * 6 * 2 + 8  # one pass each, then 6 turns
+    exact = max(len(ids) for ids, _ in longpo.render_branches(tok, short_rec)[0])
+    assert kept[0]["tokens"] == exact
+
+
+def test_hostile_template_without_end_of_turn_is_refused(tiny, tmp_path, capsys):
+    """Class 9: a chat template that ends an assistant turn with no end-of-turn token (its response would be its
+    text plus the template's newline) is refused by all three scripts, in one line naming the problem."""
+    model = tmp_path / "plain"
+    shutil.copytree(tiny / "model", model)
+    conf = json.loads((model / "tokenizer_config.json").read_text())
+    conf["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}assistant: {% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(conf))
+    if (model / "chat_template.jinja").exists():
+        (model / "chat_template.jinja").write_text(conf["chat_template"])
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": words(random.Random(0), 300)}) + "\n")
+    message = f"--model {model}: its chat template ends an assistant turn without an end-of-turn token"
+    for main, argv in ((train_main, ["--data", tiny / "data.jsonl", "--model", model, "--out", tmp_path / "o",
+                                     "--max_len", 4096]),
+                       (G.main, ["--model", model, "--corpus", corpus, "--out", tmp_path / "g.jsonl"]),
+                       (eval_main, ["--models", f"a={model}", "--json", tmp_path / "e.json"])):
+        code, _, err = cli(main, argv, capsys)
+        assert code == 2 and one_line(err).startswith(message), err[-800:]
