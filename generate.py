@@ -1002,7 +1002,8 @@ def main(argv):
         return longpo.print0(longpo.format_plan(f"generation, a GPU's memory (a document of {cfg.max_len} tokens "
                                                 f"over sp {sp} rank(s), chunks of {chunk}, {dtype})",
                                                 gen_plan(cfg, config, sp, dtype, chunk)))
-    check_outputs(cfg, corpus_files(cfg.corpus) if cfg.corpus else [])  # before anything is read or written
+    check_outputs(cfg, corpus_files(cfg.corpus) if cfg.corpus and os.path.exists(cfg.corpus) else [])  # before
+    # anything is read or written (a corpus that does not exist is named where it is read)
     env = longpo.setup_distributed(cfg.sp, cfg.timeout_min)
     torch.manual_seed(cfg.seed)
     longpo.print0(f"world {env.world} = dp {env.dp} x sp {env.sp}: dp groups split the documents, each document "

@@ -1073,12 +1073,16 @@ def _parse_line(path, lineno, line, need_ref):
     return rec
 
 
-def index_lines(path):
-    """(byte offset, line number) of each non-empty line of a JSONL file."""
+def check_data_file(path):
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file (write one with generate.py)")
     if os.path.isdir(path):
         raise SystemExit(f"{path}: a directory, expected a JSONL file (write one with generate.py)")
+
+
+def index_lines(path):
+    """(byte offset, line number) of each non-empty line of a JSONL file."""
+    check_data_file(path)
     out, offset = [], 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -1837,6 +1841,7 @@ def _train(cfg, env, tokenizer):
 
     # data first (the tokenizer alone reads it): a malformed record costs seconds, not a model load, and the memory
     # plan is checked on the longest packed sequence before any weight is read
+    check_data_file(cfg.data)
     data_sha256 = file_fingerprint(cfg.data)  # of the bytes validated next; each record read later is checked
     data = prepare_data(cfg, tokenizer, env)  # a data error (InputError) names file:line:field on every rank
     param_dtype, compute_dtype = _dtype_of(cfg, env.device)

@@ -67,9 +67,17 @@ class MiniConfig:
     epochs: int = 2  # passes over each round's records
     global_batch: int = 8  # records per step (paper: 8)
     ablation: bool = True  # also LongPO w/o NLL (--nll_weight 0)
+    curve_every: int = 8  # round-1 steps between the checkpoints each objective is scored at (Fig. 4's curves)
     eval_samples: int = 100  # evaluation texts per length, from EVAL_SEED (needle depths evenly spread)
-    procs: int = 2  # processes for generate.py and longpo.py (torchrun, one thread each)
+    procs: int = 2  # processes for generate.py, longpo.py and eval.py (torchrun, one thread each)
     seed: int = 0  # the experiment's data seeds (corpora, generation); the evaluation's are EVAL_SEED
+    long: bool = False  # the longer setting, LONG below: 4x the documents and 2x the epochs, 8x the steps
+
+
+# `python miniature.py --long`: room for the objectives to differ, fixed before any of its results was seen: four
+# times the round-1 documents (more to learn from, not the same 96 records more often) and twice the epochs, so
+# eight times the steps; checkpoints for the curves as often in epochs as the quick run's. Flags given win.
+LONG = dict(docs=384, docs_r2=192, epochs=4, curve_every=24, out="out/miniature_long")
 
 
 # The world's fixed vocabulary: keys and values are drawn once from this seed; texts from per-use seeds.
@@ -331,8 +339,9 @@ def sweep(W):
 
 # the table's rows: πS, πS with the policy's RoPE base and no training (what the base change alone does), the
 # baselines and LongPO on round 1's records, and round 2
-ROWS = (("pi_s", "πS"), ("pi_s_theta", "πS, θ raised, untrained"), ("sft", "SFT"), ("dpo", "DPO"),
-        ("longpo", "LongPO"), ("longpo_nonll", "LongPO w/o NLL"), ("longpo_r2", "LongPO round 2"))
+ROWS = (("pi_s", "πS"), ("pi_s_theta", "πS, θ raised, untrained"), ("sft", "SFT"), ("sft_rejected", "SFT-Rejected"),
+        ("dpo", "DPO"), ("longpo", "LongPO"), ("longpo_nonll", "LongPO w/o NLL"), ("longpo_r2", "LongPO round 2"))
+CURVES = ("sft", "sft_rejected", "dpo", "longpo", "longpo_nonll")  # Fig. 4's objectives (round 1)
 
 
 def write_corpus(path, n_docs, lo, hi, block, seed):
@@ -483,9 +492,11 @@ def experiment(cfg):
     stages, grades = {}, {}
     gen_flags = ["--chunk_tokens", str(chunk), "--min_chunk_tokens", str(chunk // 2), "--chunks_per_doc",
                  str(cfg.turns), "--pool_max_new_tokens", "48", "--max_new_tokens", "8"]
+    # a checkpoint every curve_every steps, each kept until it is scored (--keep_last: all of them)
     train_flags = ["--rope_theta", str(cfg.rope_theta), "--lr", str(cfg.lr), "--epochs", str(cfg.epochs),
-                   "--global_batch", str(cfg.global_batch), "--save_every", "100000", "--grad_ckpt", "false"]
-    for d in ("longpo", "sft", "dpo", "longpo_nonll", "longpo_r2"):  # each run is the experiment from nothing
+                   "--global_batch", str(cfg.global_batch), "--save_every", str(cfg.curve_every), "--keep_last",
+                   "100000", "--grad_ckpt", "false"]
+    for d in ("longpo", "sft", "sft_rejected", "dpo", "longpo_nonll", "longpo_r2"):  # each run from nothing
         shutil.rmtree(p(d), ignore_errors=True)
     for f in ("r1.jsonl", "r2.jsonl"):
         shutil.rmtree(p(f + ".parts"), ignore_errors=True)
@@ -515,24 +526,35 @@ def experiment(cfg):
         raise SystemExit(f"round 1: generate.py kept no record (see {p('generate_r1.log')}): nothing to train on")
     models = {"pi_s": cfg.pi_s, "pi_s_theta": with_rope_theta(cfg.pi_s, p("pi_s_theta"), cfg.rope_theta)}
     models["sft"] = train("sft", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--loss", "sft")
+    models["sft_rejected"] = train("sft_rejected", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--loss", "sft",
+                                   "--sft_target", "rejected")
     models["dpo"] = train("dpo", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--loss", "dpo")
     models["longpo"] = train("longpo", cfg.pi_s, p("r1.jsonl"), r1_len + 512)
     if cfg.ablation:
         models["longpo_nonll"] = train("longpo_nonll", cfg.pi_s, p("r1.jsonl"), r1_len + 512, "--nll_weight", "0")
+    # Fig. 4: every round-1 objective's earlier checkpoints join the evaluation (its HF weights are all it reads)
+    curve_models = {f"{name}@{int(c[-6:])}": c for name in CURVES if name in models
+                    for c in longpo.checkpoints(p(name))[:-1]}
     # round 2 (§3.3): the round-1 LongPO model is πS, over documents of 4W-8W tokens
     generate(models["longpo"], p("corpus_r2.jsonl"), p("r2.jsonl"), r2_len, "r2")
     if grades["r2"]["records"]:
         models["longpo_r2"] = train("longpo_r2", models["longpo"], p("r2.jsonl"), r2_len + 512)
     else:  # every turn filtered out: there is nothing to train round 2 on, and the table says so by its absence
         print("round 2: generate.py kept no record; no round-2 model", flush=True)
-    # every model on the same held-out texts, through eval.py's own task loop and scorer
-    stages["eval"] = run(["eval.py", "--models", *[f"{k}={v}" for k, v in models.items()], "--task_file",
-                          p("eval_tasks.jsonl"), "--tasks", "world_code", "--lengths", *map(str, lengths),
-                          "--samples", str(cfg.eval_samples), "--max_new_tokens", "4", "--batch", "8",
-                          "--short_data", p("short_heldout.jsonl"), "--short_n", str(cfg.eval_samples),
-                          "--json", p("eval.json")], p("eval.log"))
+    # every model on the same held-out texts, through eval.py's own task loop and scorer; the samples split over
+    # the processes (dp), each sample whole on one
+    for old in (p("eval.json"), p("eval.json.cells.jsonl")):  # from nothing, as the rest
+        if os.path.exists(old):
+            os.remove(old)
+    stages["eval"] = run(["eval.py", "--models", *[f"{k}={v}" for k, v in {**models, **curve_models}.items()],
+                          "--task_file", p("eval_tasks.jsonl"), "--tasks", "world_code", "--lengths",
+                          *map(str, lengths), "--samples", str(cfg.eval_samples), "--max_new_tokens", "4", "--batch",
+                          "8", "--short_data", p("short_heldout.jsonl"), "--short_n", str(cfg.eval_samples),
+                          "--json", p("eval.json"), "--sp", "1"], p("eval.log"), cfg.procs)
     with open(p("eval.json")) as f:
         report = json.load(f)
+    for path in curve_models.values():  # scored: the curves' checkpoints are not needed any more
+        shutil.rmtree(path)
     doc_lengths = {}
     for tag in ("r1", "r2"):  # the lengths each round really trained at, for the picture
         with open(p(f"corpus_{tag}.jsonl")) as f:
@@ -540,7 +562,10 @@ def experiment(cfg):
         doc_lengths[tag] = [min(n), max(n)]
     results = dict(lengths=lengths, window=W, models={}, exact={}, far={}, short={}, data=grades, stages_s=stages,
                    document_lengths=doc_lengths, settings=dataclasses.asdict(cfg))
+    results["curves"] = curves(report, models, curve_models, lengths, W)
     for name, entry in report["models"].items():
+        if name in curve_models:
+            continue
         per = entry["long"]["world_code"]
         results["models"][name] = {str(L): per[str(L)]["score"] for L in lengths}
         results["exact"][name] = {str(L): per[str(L)]["exact_match"] for L in lengths}
@@ -556,9 +581,32 @@ def experiment(cfg):
         json.dump(results, f, indent=1)
     print("\n" + table(results), flush=True)
     pictures(results, out)
-    print(f"wrote {p('results.json')}, {p('scores.png')}, {p('rewards.png')} | wall {results['wall_s']:.0f}s",
+    print(f"wrote {p('results.json')}, {p('scores.png')}, {p('rewards.png')}, {p('curves.png')} | wall "
+          f"{results['wall_s']:.0f}s",
           flush=True)
     return results
+
+
+def curves(report, models, curve_models, lengths, W):
+    """Fig. 4 in miniature: for each round-1 objective, at step 0 (πS with the policy's RoPE base: where every run
+    starts), at each curve checkpoint and at its end (the table's model), the retrieval score averaged over the
+    lengths past W, and the short-context KL against πS. {name: {"steps", "long", "kl"}}."""
+    def point(name):
+        entry = report["models"][name]
+        far = [entry["long"]["world_code"][str(L)]["score"] for L in lengths if L > W]
+        return sum(far) / len(far), entry["short"]["kl"]
+
+    out = {}
+    for name in CURVES:
+        if name not in models:
+            continue
+        with open(os.path.join(models[name], "longpo_config.json")) as f:
+            last = json.load(f)["step"]
+        ckpts = sorted((int(k.split("@")[1]), k) for k in curve_models if k.split("@")[0] == name)
+        steps = [0] + [s for s, _ in ckpts] + [last]
+        points = [point("pi_s_theta")] + [point(k) for _, k in ckpts] + [point(name)]
+        out[name] = {"steps": steps, "long": [x for x, _ in points], "kl": [y for _, y in points]}
+    return out
 
 
 def table(results):
@@ -584,11 +632,20 @@ def table(results):
                     row += [f"{results['short'][name]['nll']:.3f}", f"{results['short'][name]['kl']:.3f}"]
                 rows.append(row)
         text += [title, format_table(head, rows), ""]
+    labels = dict(ROWS)
+    for key, title in (("long", f"Fig. 4: retrieval score over the lengths past W ({far}) at each step"),
+                       ("kl", "Fig. 4: short-context KL against πS at each step")):
+        rows = [[labels[n], *(f"{s}: {v:.{1 if key == 'long' else 3}f}" for s, v in zip(c["steps"], c[key]))]
+                for n, c in results.get("curves", {}).items()]
+        if rows:
+            text += [title, format_table(["model"] + [""] * (max(map(len, rows)) - 1),
+                                         [r + [""] * (max(map(len, rows)) - len(r)) for r in rows]), ""]
     return f"context length in tokens; W = {W} is πS's window, '*' past it\n\n" + "\n".join(text)
 
 
 def pictures(results, out):
-    """scores.png: score against length per model; rewards.png: chosen and rejected rewards over LongPO's steps."""
+    """scores.png: score against length per model; rewards.png: rewards, margin and preference accuracy over the
+    steps of LongPO and DPO; curves.png: each objective's long- and short-context scores over its steps."""
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
@@ -613,28 +670,52 @@ def pictures(results, out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "scores.png"), dpi=120)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for ax, run_name, title in zip(axes, ("longpo", "longpo_r2"), ("round 1", "round 2")):
+    # rewards.png: Fig. 6's quantities over the steps; LongPO's reference is πS on the short input, DPO's the
+    # initial policy on the long one
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    logs = {}
+    for run_name in ("longpo", "dpo", "longpo_r2"):
         path = os.path.join(out, run_name, "metrics.jsonl")
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            with open(path) as f:
+                logs[run_name] = [r for r in map(json.loads, f) if not r.get("skipped")]  # a skipped step: no rewards
+    for run_name, label, style in (("longpo", "LongPO", "-"), ("longpo_r2", "LongPO round 2", ":"), ("dpo", "DPO", "--")):
+        m = logs.get(run_name)
+        if not m:
             continue
-        with open(path) as f:
-            m = [r for r in map(json.loads, f) if not r.get("skipped")]  # a skipped step has no rewards
         steps = [r["step"] for r in m]
-        ax.plot(steps, [r["reward_chosen"] for r in m], label="chosen reward")
-        ax.plot(steps, [r["reward_rejected"] for r in m], label="rejected reward")
+        axes[0].plot(steps, [r["reward_chosen"] for r in m], style, color="tab:green", label=f"{label}: chosen")
+        axes[0].plot(steps, [r["reward_rejected"] for r in m], style, color="tab:red", label=f"{label}: rejected")
+        axes[1].plot(steps, [r["reward_margin"] for r in m], style, label=label)
+        axes[2].plot(steps, [r["accuracy"] for r in m], style, label=label)
+    for ax, title in zip(axes, ("rewards β·(log πθ − log π_ref)", "margin (chosen − rejected)",
+                                "preference accuracy (margin > 0)")):
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(xlabel="step", title=f"LongPO {title}: β·(log πθ − log πS)")
-    axes[0].set_ylabel("reward")
-    axes[0].legend(fontsize=8)
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "rewards.png"), dpi=120)
+    plt.close(fig)
+    # curves.png: Fig. 4, each round-1 objective over its steps
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = dict(ROWS)
+    far = [L for L in lengths if L > results["window"]]
+    for name, c in results.get("curves", {}).items():
+        axes[0].plot(c["steps"], c["long"], marker="o", label=labels[name])
+        axes[1].plot(c["steps"], c["kl"], marker="o", label=labels[name])
+    axes[0].set(xlabel="step", ylabel="retrieval score (0-100)", title=f"long context: mean over {far} tokens")
+    axes[1].set(xlabel="step", ylabel="KL per answer token", title="short context: KL against πS")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=120)
     plt.close(fig)
 
 
 def main(argv):
     verb, flags = (argv[0], argv[1:]) if argv and not argv[0].startswith("--") else ("run", argv)
     cfg = longpo.parse_config(MiniConfig, flags)
+    if cfg.long:  # the longer setting under the flags given
+        cfg = longpo.parse_config(MiniConfig, flags, base=MiniConfig(**LONG))
     if verb == "build":
         build(cfg)
     elif verb == "run":
