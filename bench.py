@@ -26,19 +26,21 @@ import torch.distributed as dist
 
 import generate
 import longpo
+from longpo import flag
 
 
 @dataclass
 class BenchConfig:
-    only: list = field(default_factory=list)  # section names (see SECTIONS); empty = every CPU section
-    json: str = ""  # also write the figures here
-    model: str = ""  # generation: local HF directory; "" = embedded SmolLM2-135M-Instruct
-    repeats: int = 2  # generation: runs per side; the fastest counts
-    steps: int = 2  # training: timed optimizer steps per measurement (after one warm-up step)
-    shape: str = "small"  # training on CPU: random model shape (small | smollm2 | 1b)
-    tokenizer: str = ""  # training: tokenizer directory; "" = the embedded model's
-    tokens: int = 8192  # sequence_parallel: length of the packed record
-    stages_doc: int = 2  # generation_stages: document of the embedded corpus (2: the first whose record keeps 2 turns)
+    only: list = flag([], "section names (see SECTIONS); empty = every CPU section")
+    json: str = flag("", "also write the figures here")
+    model: str = flag("", 'generation: local HF directory; "" = embedded SmolLM2-135M-Instruct')
+    repeats: int = flag(2, "generation: runs per side; the fastest counts")
+    steps: int = flag(2, "training: timed optimizer steps per measurement (after one warm-up step)")
+    shape: str = flag("small", "training on CPU: random model shape (small | smollm2 | 1b)")
+    tokenizer: str = flag("", "training: tokenizer directory; \"\" = the embedded model's")
+    tokens: int = flag(8192, "sequence_parallel: length of the packed record")
+    stages_doc: int = flag(2, "generation_stages: document of the embedded corpus (2: the first whose record keeps 2 "
+                           "turns)")
 
 
 def _best(fn, repeats):
@@ -157,7 +159,8 @@ def bench_prefill(model_dir="", lengths=(4096, 8192), repeats=2):
         row = {"tokens": ids.shape[1], "new_s": round(best["new"], 2), "old_s": round(best["old"], 2),
                "speedup": round(best["old"] / best["new"], 2)}
         for name in ("new", "old"):
-            row.update({f"{name}_masks": counts[name]["masks"], f"{name}_kv_head_copies": counts[name]["kv_head_copies"]})
+            row.update({f"{name}_masks": counts[name]["masks"],
+                        f"{name}_kv_head_copies": counts[name]["kv_head_copies"]})
         print_row(row)
         rows.append(row)
     return rows
@@ -565,7 +568,7 @@ def bench_gpu(lengths=(16384, 32768, 65536), shapes=("smollm2", "1b"), steps=2, 
             b = T // 32
             p = T - 2 * b
             spec = {"shape": SHAPES[shape], "prefix": p, "branch": b, "steps": steps, "tokenizer": tokenizer,
-                    "logp_budget": longpo.Config.logp_budget}
+                    "logp_budget": longpo.LOGP_BUDGET}
             res = {}
             for m in ("packed", "unshared"):  # in this process: CUDA's peak counter resets per measurement
                 res[m] = _measure_step({**spec, "mode": m}, env)
@@ -630,11 +633,11 @@ def _logits_run(spec):
     return {"full_s": min(times["full"]), "chunked_s": min(times["chunked"]), "time_ratio": ratios[len(ratios) // 2]}
 
 
-def logits_peak_mb(T, V, mode, d=64, budget=longpo.Config.logp_budget):
+def logits_peak_mb(T, V, mode, d=64, budget=longpo.LOGP_BUDGET):
     return _spawn({"kind": "logits", "T": T, "V": V, "d": d, "mode": mode, "budget": budget})["peak_mb"]
 
 
-def bench_logits_memory(T=8192, V=32768, d=576, budget=longpo.Config.logp_budget, repeats=3):
+def bench_logits_memory(T=8192, V=32768, d=576, budget=longpo.LOGP_BUDGET, repeats=3):
     """Forward + backward of the token log-probs, chunked LM head against full logits: peak memory (one fresh
     process a side) and time (both sides alternating in one process; time_ratio is chunked over full)."""
     full, chunked = logits_peak_mb(T, V, "full", d, budget), logits_peak_mb(T, V, "chunked", d, budget)

@@ -62,7 +62,7 @@ import torch.distributed as dist
 
 import longpo
 from generate import NonFiniteLogits, eos_token_ids, generate_tokens, prefill_prefixes, tail_logps
-from longpo import checked, print0
+from longpo import flag, print0
 
 
 # -----------------------------------------------------------------------------
@@ -77,34 +77,33 @@ DEFAULT_TASKS = ("niah_single", "vt", "fwe", "mc_records")
 
 @dataclass
 class EvalConfig:
-    models: list = field(default_factory=list)  # name=DIR (or DIR) per model, the first the baseline of every
-                                                # delta and KL; [] = the embedded model and the newest checkpoint
-                                                # in --out
-    out: str = longpo.Config().out  # where the no-argument run looks for checkpoints (longpo.py's --out)
-    lengths: list = field(default_factory=lambda: ["1K", "2K", "4K", "8K"])  # prompt + answer tokens: 4096 or 4K
-    tasks: list = field(default_factory=lambda: list(DEFAULT_TASKS))  # long-context tasks to run; all = every one
-    task_file: str = ""  # JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join --tasks
-    samples: int = checked(1, lambda x: 1 <= x <= 10**6)  # samples per task and length (RULER uses 500; 1 keeps the CPU run
-                                                 # to minutes)
-    batch: int = checked(0, lambda x: 0 <= x <= 4096)  # samples decoded together (each reads its own prompt's cache); 0 =
-                                               # the most the memory plan fits on the GPU at the longest length
-                                               # (at most 8), 4 on a CPU
-    max_new_tokens: int = checked(0, lambda x: 0 <= x <= 1 << 20)  # cap on generated tokens a sample; 0 = 2 x reference-answer
-                                                        # tokens + 16
-    seed: int = 0  # every haystack, needle and option derives from it
-    threshold: float = checked(85.6, lambda x: 0 <= x <= 100)  # effective length: task-average score (0-100) a
-                                                               # length must reach (RULER's value)
-    short_data: str = ""  # generate.py JSONL of held-out records; "" skips NLL and KL
-    short_n: int = checked(64, lambda x: x >= 1)  # (chunk, instruction) pairs read from --short_data
-    mc: str = ""  # JSONL of {question, choices, answer (0-based index)}; "" skips acc and acc_norm
-    json: str = "out/eval.json"  # every number of the tables, and each sample's prompt size, depth and output
-    dtype: str = checked("auto", choices=("auto", "float32", "float64", "bfloat16"))  # auto = bfloat16 on CUDA,
-                                                                                      # float32 on CPU
-    sp: int = checked(1, lambda x: x >= 0)  # ranks one sample is spread over (its cache split by heads); dp =
-                                            # world / sp groups split each cell's samples; 0 = all ranks
-    timeout_min: float = checked(60.0, lambda x: 0 < x <= 1e9)  # how long a collective waits for the slowest rank, minutes
-    plan: bool = False  # print the memory plan of each model at the longest length (a GPU's bytes) and exit
-    plan_check: bool = True  # refuse, before a model loads, a sweep whose plan does not fit its GPUs
+    models: list = flag([], "name=DIR (or DIR) per model, the first the baseline of every delta and KL; [] = the "
+                        "embedded model and the newest checkpoint in --out")
+    out: str = flag(longpo.Config().out, "where the no-argument run looks for checkpoints (longpo.py's --out)")
+    lengths: list = flag(["1K", "2K", "4K", "8K"], "prompt + answer tokens: 4096 or 4K")
+    tasks: list = flag(list(DEFAULT_TASKS), "long-context tasks to run; all = every one")
+    task_file: str = flag("", 'JSONL of your own samples {"task", "length", "user", "answers"}: their tasks join '
+                          "--tasks")
+    samples: int = flag(1, "samples per task and length (RULER uses 500; 1 keeps the CPU run to minutes)",
+                        lambda x: 1 <= x <= 10**6)
+    batch: int = flag(0, "samples decoded together (each reads its own prompt's cache); 0 = the most the memory plan "
+                      "fits on the GPU at the longest length (at most 8), 4 on a CPU", lambda x: 0 <= x <= 4096)
+    max_new_tokens: int = flag(0, "cap on generated tokens a sample; 0 = 2 x reference-answer tokens + 16",
+                               lambda x: 0 <= x <= 1 << 20)
+    seed: int = flag(0, "every haystack, needle and option derives from it")
+    threshold: float = flag(85.6, "effective length: task-average score (0-100) a length must reach (RULER's value)",
+                            lambda x: 0 <= x <= 100)
+    short_data: str = flag("", 'generate.py JSONL of held-out records; "" skips NLL and KL')
+    short_n: int = flag(64, "(chunk, instruction) pairs read from --short_data", lambda x: x >= 1)
+    mc: str = flag("", 'JSONL of {question, choices, answer (0-based index)}; "" skips acc and acc_norm')
+    json: str = flag("out/eval.json", "every number of the tables, and each sample's prompt size, depth and output")
+    dtype: str = flag("auto", "auto = bfloat16 on CUDA, float32 on CPU",
+                      choices=("auto", "float32", "float64", "bfloat16"))
+    sp: int = flag(1, "ranks one sample is spread over (its cache split by heads); dp = world / sp groups split each "
+                   "cell's samples; 0 = all ranks", lambda x: x >= 0)
+    timeout_min: float = flag(60.0, "how long a collective waits for the slowest rank, minutes", lambda x: 0 < x <= 1e9)
+    plan: bool = flag(False, "print the memory plan of each model at the longest length (a GPU's bytes) and exit")
+    plan_check: bool = flag(True, "refuse, before a model loads, a sweep whose plan does not fit its GPUs")
 
 
 # -----------------------------------------------------------------------------
@@ -908,7 +907,8 @@ def main(cfg):
     pairs = read_pairs(cfg.short_data, cfg.short_n) if cfg.short_data else None
     inputs = [(flag, path) for flag, path in (("--task_file", cfg.task_file), ("--mc", cfg.mc),
                                               ("--short_data", cfg.short_data)) if path]
-    tokenizers = {name: longpo.AutoTokenizer.from_pretrained(path or longpo.default_model_dir()) for name, path in models}
+    tokenizers = {name: longpo.AutoTokenizer.from_pretrained(path or longpo.default_model_dir())
+                  for name, path in models}
     if inputs:  # tokenizers only: the models load one at a time below
         check_rendered_text(inputs, list(tokenizers.items()))
     if pairs is None:

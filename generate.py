@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import longpo
-from longpo import checked
+from longpo import flag
 
 
 # -----------------------------------------------------------------------------
@@ -54,53 +54,57 @@ from longpo import checked
 @dataclass
 class GenConfig:
     # input and output
-    corpus: str = ""  # text file, folder of files, or JSONL with a "text" field; "" = the embedded synthetic corpus
-    model: str = ""  # πS: local HF directory (or a longpo.py checkpoint); "" = embedded SmolLM2-135M-Instruct
-    out: str = "data/longpo.jsonl"  # merged records; per-rank parts live in OUT.parts/
-    max_docs: int = -1  # consider only the first N corpus documents; -1 = all
+    corpus: str = flag("", 'text file, folder of files, or JSONL with a "text" field; "" = the embedded synthetic '
+                       "corpus")
+    model: str = flag("", 'πS: local HF directory (or a longpo.py checkpoint); "" = embedded SmolLM2-135M-Instruct')
+    out: str = flag("data/longpo.jsonl", "merged records; per-rank parts live in OUT.parts/")
+    max_docs: int = flag(-1, "consider only the first N corpus documents; -1 = all")
     # lengths (paper §4.1, for the 128K target)
-    max_len: int = checked(131072, lambda x: x >= 2)  # keep documents whose token length lies in (max_len/2, max_len]
-    chunk_tokens: int = checked(0, lambda x: x >= 0)  # |C_S^i|: documents are cut into consecutive chunks of up to
-                                                      # this many tokens; 0 = the smaller of --chunk_cap and the
-                                                      # longest that keeps πS inside its window (max_chunk_tokens)
-    chunk_cap: int = checked(32768, lambda x: x >= 1)  # the longest chunk --chunk_tokens 0 gives, whatever πS's
-                                                       # window (§4.1: "chunks of up to 32K tokens", every round)
-    min_chunk_tokens: int = checked(128, lambda x: x >= 1)  # a shorter trailing chunk is never sampled
-    chunks_per_doc: int = checked(4, lambda x: x >= 1)  # n: at most this many chunks sampled per document (turns)
+    max_len: int = flag(131072, "keep documents whose token length lies in (max_len/2, max_len]", lambda x: x >= 2)
+    chunk_tokens: int = flag(0, "|C_S^i|: documents are cut into consecutive chunks of up to this many tokens; 0 = the"
+                             " smaller of --chunk_cap and the longest that keeps πS inside its window "
+                             "(max_chunk_tokens)", lambda x: x >= 0)
+    chunk_cap: int = flag(32768, "the longest chunk --chunk_tokens 0 gives, whatever πS's window (§4.1: \"chunks of "
+                          "up "
+                          'to 32K tokens", every round)', lambda x: x >= 1)
+    min_chunk_tokens: int = flag(128, "a shorter trailing chunk is never sampled", lambda x: x >= 1)
+    chunks_per_doc: int = flag(4, "n: at most this many chunks sampled per document (turns)", lambda x: x >= 1)
     # instruction pool (Appendix B.1)
-    pool_size: int = checked(4, lambda x: x >= 1)  # instructions asked for per chunk, one picked at random (§4.1: 4)
-    pool_temperature: float = checked(0.7, lambda x: x >= 0)  # T for the instruction pool
-    pool_top_p: float = checked(0.9, lambda x: 0 < x <= 1)  # top-p for the instruction pool
-    pool_max_new_tokens: int = checked(256, lambda x: x >= 1)  # token budget of the pool (and so of one instruction)
-    pool_fallback: bool = True  # a pool with no usable line: FALLBACK_INSTRUCTION (counted); false drops the chunk
+    pool_size: int = flag(4, "instructions asked for per chunk, one picked at random (§4.1: 4)", lambda x: x >= 1)
+    pool_temperature: float = flag(0.7, "T for the instruction pool", lambda x: x >= 0)
+    pool_top_p: float = flag(0.9, "top-p for the instruction pool", lambda x: 0 < x <= 1)
+    pool_max_new_tokens: int = flag(256, "token budget of the pool (and so of one instruction)", lambda x: x >= 1)
+    pool_fallback: bool = flag(True, "a pool with no usable line: FALLBACK_INSTRUCTION (counted); false drops the "
+                               "chunk")
     # responses (Appendix B.1: greedy, i.e. temperature 0; the released generation samples at 1.0, top-p 1.0)
-    max_new_tokens: int = checked(1024, lambda x: x >= 1)  # token budget of each response
-    response_temperature: float = checked(0.0, lambda x: x >= 0)  # T for chosen and rejected answers; 0 = greedy
-    response_top_p: float = checked(1.0, lambda x: 0 < x <= 1)  # top-p for the answers (at temperature > 0)
-    long_rope_theta: float = checked(0.0, lambda x: x >= 0)  # RoPE base while πS answers over the long document C_L
-                                                             # (rejected y_L only); 0 = πS's own. Chosen answers,
-                                                             # pools and all reference log-probs keep πS's own base
+    max_new_tokens: int = flag(1024, "token budget of each response", lambda x: x >= 1)
+    response_temperature: float = flag(0.0, "T for chosen and rejected answers; 0 = greedy", lambda x: x >= 0)
+    response_top_p: float = flag(1.0, "top-p for the answers (at temperature > 0)", lambda x: 0 < x <= 1)
+    long_rope_theta: float = flag(0.0, "RoPE base while πS answers over the long document C_L (rejected y_L only); 0 ="
+                                  " πS's own. Chosen answers, pools and all reference log-probs keep πS's own "
+                                  "base", lambda x: x >= 0)
     # filters (§4.1 "censored and repetitive"; thresholds from the released code). Empty answers, answers that spell
     # a control token, and turns whose short sequence [C_S; I; y] exceeds πS's window are always dropped
-    drop_cut_off: bool = False  # drop an answer that hit max_new_tokens (the paper names no such rule; released keeps)
-    drop_refusals: bool = True  # drop an answer holding a REFUSALS phrase anywhere ("censored")
-    rep_ratio_chosen: float = checked(0.9, lambda x: 0 <= x <= 1)  # drop a chosen answer whose repetition_ratio
-                                                                   # exceeds this (released 0.9); 1 = off
-    rep_ratio_rejected: float = checked(0.95, lambda x: 0 <= x <= 1)  # the same for rejected ones (released 0.95)
-    min_words: int = checked(0, lambda x: x >= 0)  # drop an answer with fewer words of 3+ characters (released: 2);
-                                                   # 0 = off
+    drop_cut_off: bool = flag(False, "drop an answer that hit max_new_tokens (the paper names no such rule; released "
+                              "keeps)")
+    drop_refusals: bool = flag(True, 'drop an answer holding a REFUSALS phrase anywhere ("censored")')
+    rep_ratio_chosen: float = flag(0.9, "drop a chosen answer whose repetition_ratio exceeds this (released 0.9); 1 = "
+                                   "off", lambda x: 0 <= x <= 1)
+    rep_ratio_rejected: float = flag(0.95, "the same for rejected ones (released 0.95)", lambda x: 0 <= x <= 1)
+    min_words: int = flag(0, "drop an answer with fewer words of 3+ characters (released: 2); 0 = off",
+                          lambda x: x >= 0)
     # devices
-    sp: int = checked(1, lambda x: x >= 0)  # ranks one document is spread over (its caches split by heads: prefills
-                                            # sequence-parallel, decoding head-parallel); dp = world / sp groups
-                                            # split the documents; 0 = all ranks
-    timeout_min: float = checked(60.0, lambda x: 0 < x <= 1e9)  # how long a collective waits for the slowest rank, minutes
-                                                         # (NCCL's default is 10): the last one waits for the merge
-    dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # auto = bfloat16 on CUDA, float32 on CPU
-    seed: int = checked(0, lambda x: 0 <= x < 2**63)  # per-document seeds derive from (seed, document index): sharding
-                                                     # and resuming change nothing
-    plan: bool = False  # print this run's memory plan (a GPU's bytes, term by term; --model's config.json only)
-                        # and exit
-    plan_check: bool = True  # refuse, before the weights load, a run whose plan does not fit its GPUs
+    sp: int = flag(1, "ranks one document is spread over (its caches split by heads: prefills sequence-parallel, "
+                   "decoding head-parallel); dp = world / sp groups split the documents; 0 = all ranks",
+                   lambda x: x >= 0)
+    timeout_min: float = flag(60.0, "how long a collective waits for the slowest rank, minutes (NCCL's default is 10):"
+                              " the last one waits for the merge", lambda x: 0 < x <= 1e9)
+    dtype: str = flag("auto", "auto = bfloat16 on CUDA, float32 on CPU", choices=("auto", "float32", "float64"))
+    seed: int = flag(0, "per-document seeds derive from (seed, document index): sharding and resuming change nothing",
+                     lambda x: 0 <= x < 2**63)
+    plan: bool = flag(False, "print this run's memory plan (a GPU's bytes, term by term; --model's config.json only) "
+                      "and exit")
+    plan_check: bool = flag(True, "refuse, before the weights load, a run whose plan does not fit its GPUs")
 
 
 # `python generate.py` with the embedded corpus: lengths scaled to SmolLM2's 8K window and a 2-core CPU. Flags given
@@ -429,7 +433,7 @@ def generate_with_prefix_cache(model, prompts, eos_ids, max_new_tokens, temperat
 
 
 @torch.inference_mode()
-def tail_logps(model, prefix, valid, rows, tails, scored, group=None, budget=longpo.Config.logp_budget):
+def tail_logps(model, prefix, valid, rows, tails, scored, group=None, budget=longpo.LOGP_BUDGET):
     """Σ_j log π(tails[b][j] | prefix row, tails[b][:j]) over the j where scored[b][j] (never j = 0: the tail's first
     token is what the prefix leaves to feed): the tails are fed right padded after the prefix (prefix, valid, rows
     as _over takes them), and the LM head runs on the scored positions only, budget logits a chunk. (B,) float64."""
@@ -446,7 +450,7 @@ def tail_logps(model, prefix, valid, rows, tails, scored, group=None, budget=lon
     return torch.zeros(len(tails), dtype=torch.float64, device=device).index_add(0, rows_, logps)  # (B,): Σ a row
 
 
-def cached_response_logps(model, cache, cached, seqs, group=None, budget=longpo.Config.logp_budget):
+def cached_response_logps(model, cache, cached, seqs, group=None, budget=longpo.LOGP_BUDGET):
     """longpo.response_logps of one-turn chats, batched over a prefill_prefixes cache: seqs[b] = (ids, turns) of
     render_chat's [user, response] for row b. Only what the row's cached tokens leave of its sequence is fed, and
     the head runs on the response's tokens only (render_chat's turn 1, through the end-of-turn marker). Returns (B,)

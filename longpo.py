@@ -27,7 +27,6 @@ import gc
 import glob
 import hashlib
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -59,64 +58,84 @@ except ImportError:
     flash_attn_func = None
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch keeps hyper-parameters and the policy's log-probs in float32
+LOGP_BUDGET = 1 << 25  # logit elements in one chunk of the LM head (budget // V rows, 128 MB in fp32): never (T, V)
+SCORE_BUDGET = 1 << 25  # attention scores at once in generation's merged attention (attention_lse)
+
+
 # -----------------------------------------------------------------------------
 # config
 
 
-def checked(default, ok=None, choices=None):
-    """A config field and the values it accepts: ok(value) holds, or value is one of choices (check_config)."""
-    return dataclasses.field(default=default, metadata={"ok": ok, "choices": choices})
+def flag(default, help, ok=None, choices=None):
+    """A config field, which is a command-line flag: its default, its --help text (meaning, unit, paper symbol), and
+    the values it accepts: ok(value) holds, or value is one of choices (check_config)."""
+    meta = {"help": help, "ok": ok, "choices": choices}
+    if isinstance(default, list):  # a mutable default: each config its own list
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # data and model
-    data: str = "data/longpo.jsonl"  # JSONL written by generate.py (schema: README.md, Record schema)
-    model: str = ""  # local HF causal-LM directory (Mistral / Llama / Qwen2); "" = embedded SmolLM2-135M-Instruct
-    out: str = "out/longpo"  # checkpoints, metrics.jsonl, resolved config
-    max_len: int = checked(131072, lambda x: x >= 2)  # longest chosen or rejected sequence, and the policy's max positions (paper: 128K)
-    rope_theta: float = checked(1e7, lambda x: x == 0 or x > 1)  # RoPE base of the policy (paper §4.1: 1e7); 0 keeps the model's own
+    data: str = flag("data/longpo.jsonl", "JSONL written by generate.py (schema: README.md, Record schema)")
+    model: str = flag("", 'local HF causal-LM directory (Mistral / Llama / Qwen2); "" = embedded SmolLM2-135M-Instruct')
+    out: str = flag("out/longpo", "checkpoints, metrics.jsonl, resolved config")
+    max_len: int = flag(131072, "longest chosen or rejected sequence, and the policy's max positions (paper: 128K)",
+                        lambda x: x >= 2)
+    rope_theta: float = flag(1e7, "RoPE base of the policy (paper §4.1: 1e7); 0 keeps the model's own",
+                             lambda x: x == 0 or x > 1)
     # objective
-    loss: str = checked("longpo", choices=("longpo", "dpo", "sft"))  # longpo (Eq. 14) | dpo (Eq. 14 with reference = initial policy on x_L) | sft (NLL)
-    turn_agg: str = checked("eq13", choices=("eq13", "sum"))  # eq13: log Σ_i π over turns, as printed | sum: Σ_i log π, as in the released code
-    beta: float = checked(0.1, lambda x: x > 0)  # β in Eq. 13 (paper 0.1; the released recipe used 0.01)
-    lam: float = checked(0.01, lambda x: x >= 0)  # λ in Eq. 14
-    nll_weight: float = checked(1.0, lambda x: x >= 0)  # weight of L_NLL in Eq. 14; 0 is the paper's "LongPO w/o NLL" ablation
-    sft_target: str = checked("chosen", choices=("chosen", "rejected"))  # --loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)
+    loss: str = flag("longpo", "longpo (Eq. 14) | dpo (Eq. 14 with reference = initial policy on x_L) | sft (NLL)",
+                     choices=("longpo", "dpo", "sft"))
+    turn_agg: str = flag("eq13", "eq13: log Σ_i π over turns, as printed | sum: Σ_i log π, as in the released code",
+                         choices=("eq13", "sum"))
+    beta: float = flag(0.1, "β in Eq. 13 (paper 0.1; the released recipe used 0.01)", lambda x: x > 0)
+    lam: float = flag(0.01, "λ in Eq. 14", lambda x: x >= 0)
+    nll_weight: float = flag(1.0, "weight of L_NLL in Eq. 14; 0 is the paper's \"LongPO w/o NLL\" ablation",
+                             lambda x: x >= 0)
+    sft_target: str = flag("chosen", "--loss sft: chosen (y_S) or rejected (y_L, the SFT-Rejected ablation)",
+                           choices=("chosen", "rejected"))
     # optimisation
-    optimizer: str = checked("adam", choices=("adam", "rmsprop"))  # adam (paper §4.1) | rmsprop (the released recipe)
-    lr: float = checked(0.0, lambda x: 0 <= x <= FLOAT32_MAX / 10)  # learning rate; 0 = the paper's for the loss: 5e-7
-                                                                     # (LongPO, DPO), 2e-5 (SFT, B.3); Adam's first
-                                                                     # step divides it by 1 - β1 = 0.1 in float32
-    weight_decay: float = checked(0.0, lambda x: x >= 0)  # the paper's Adam has none
-    lr_schedule: str = checked("constant", choices=("constant", "cosine"))  # after the warm-up: constant (the
-                                                                            # paper states no schedule) | cosine
-                                                                            # to 0 over the run's steps (released)
-    warmup_steps: int = checked(0, lambda x: x >= 0)  # linear warm-up steps (the paper states none)
-    warmup_ratio: float = checked(0.0, lambda x: 0 <= x <= 1)  # warm-up as a fraction of the run's steps, where --warmup_steps is 0
-    grad_clip: float = checked(1.0, lambda x: x >= 0)  # max gradient norm; 0 disables clipping
-    global_batch: int = checked(8, lambda x: x >= 1)  # records per optimizer step (paper: 8), reached by gradient accumulation
-    epochs: int = checked(1, lambda x: x >= 1)  # passes over the data
-    max_steps: int = checked(-1, lambda x: x >= -1)  # stop after this many optimizer steps; -1 = all epochs
-    seed: int = checked(0, lambda x: 0 <= x < 2**63)  # data order (torch's seeds are 64-bit)
+    optimizer: str = flag("adam", "adam (paper §4.1) | rmsprop (the released recipe)", choices=("adam", "rmsprop"))
+    lr: float = flag(0.0, "learning rate; 0 = the paper's for the loss: 5e-7 (LongPO, DPO), 2e-5 (SFT, B.3); Adam's "
+                     "first step divides it by 1 - β1 = 0.1 in float32", lambda x: 0 <= x <= FLOAT32_MAX / 10)
+    weight_decay: float = flag(0.0, "the paper's Adam has none", lambda x: x >= 0)
+    lr_schedule: str = flag("constant", "after the warm-up: constant (the paper states no schedule) | cosine to 0 over"
+                            " the run's steps (released)", choices=("constant", "cosine"))
+    warmup_steps: int = flag(0, "linear warm-up steps (the paper states none)", lambda x: x >= 0)
+    warmup_ratio: float = flag(0.0, "warm-up as a fraction of the run's steps, where --warmup_steps is 0",
+                               lambda x: 0 <= x <= 1)
+    grad_clip: float = flag(1.0, "max gradient norm; 0 disables clipping", lambda x: x >= 0)
+    global_batch: int = flag(8, "records per optimizer step (paper: 8), reached by gradient accumulation",
+                             lambda x: x >= 1)
+    epochs: int = flag(1, "passes over the data", lambda x: x >= 1)
+    max_steps: int = flag(-1, "stop after this many optimizer steps; -1 = all epochs", lambda x: x >= -1)
+    seed: int = flag(0, "data order (torch's seeds are 64-bit)", lambda x: 0 <= x < 2**63)
     # parallelism and memory
-    sp: int = 0  # sequence-parallel group size P; 0 = all ranks; dp = world / sp
-    logp_budget: int = checked(1 << 25, lambda x: x >= 1)  # logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never (T, V)
-    grad_ckpt: bool = True  # activation checkpointing per decoder layer
-    dtype: str = checked("auto", choices=("auto", "float32", "float64"))  # parameter dtype: auto = float32 master weights (bf16 compute on CUDA) | float64
-    too_long: str = checked("skip", choices=("skip", "error"))  # records whose chosen or rejected sequence exceeds max_len: skip (counted) | error
+    sp: int = flag(0, "sequence-parallel group size P; 0 = all ranks; dp = world / sp")
+    logp_budget: int = flag(LOGP_BUDGET, "logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never "
+                            "(T, V)", lambda x: x >= 1)
+    grad_ckpt: bool = flag(True, "activation checkpointing per decoder layer")
+    dtype: str = flag("auto", "parameter dtype: auto = float32 master weights (bf16 compute on CUDA) | float64",
+                      choices=("auto", "float32", "float64"))
+    too_long: str = flag("skip", "records whose chosen or rejected sequence exceeds max_len: skip (counted) | error",
+                         choices=("skip", "error"))
     # checkpoints and logging
-    save_every: int = checked(50, lambda x: x >= 1)  # optimizer steps between checkpoints (and one at the end)
-    keep_last: int = checked(3, lambda x: x >= 1)  # checkpoints kept in --out: older ones are removed once a newer
-                                                   # one is written whole (a 7B model's takes about 100 GB)
-    timeout_min: float = checked(60.0, lambda x: 0 < x <= 1e9)  # how long a collective waits for the slowest rank, minutes
-                                                         # (NCCL's default is 10): rank 0 alone writes a checkpoint's
-                                                         # HF copy while the others wait
-    max_bad_steps: int = checked(3, lambda x: x >= 1)  # steps in a row whose loss or gradient norm is not finite (each skipped) before a stop
-    resume: bool = False  # continue from the newest checkpoint in --out
-    plan: bool = False  # print this run's memory plan (a GPU's bytes, term by term; --model's config.json only) and
-                        # exit: a sequence of --max_len and a rejected branch of --max_len/16, --sp ranks a sequence
-    plan_check: bool = True  # refuse, before the weights load, a run whose plan does not fit its GPUs
+    save_every: int = flag(50, "optimizer steps between checkpoints (and one at the end)", lambda x: x >= 1)
+    keep_last: int = flag(3, "checkpoints kept in --out: older ones are removed once a newer one is written whole (a "
+                          "7B model's takes about 100 GB)", lambda x: x >= 1)
+    timeout_min: float = flag(60.0, "how long a collective waits for the slowest rank, minutes (NCCL's default is 10):"
+                              " rank 0 alone writes a checkpoint's HF copy while the others wait",
+                              lambda x: 0 < x <= 1e9)
+    max_bad_steps: int = flag(3, "steps in a row whose loss or gradient norm is not finite (each skipped) before a "
+                              "stop", lambda x: x >= 1)
+    resume: bool = flag(False, "continue from the newest checkpoint in --out")
+    plan: bool = flag(False, "print this run's memory plan (a GPU's bytes, term by term; --model's config.json only) "
+                      "and exit: a sequence of --max_len and a rejected branch of --max_len/16, --sp ranks a "
+                      "sequence")
+    plan_check: bool = flag(True, "refuse, before the weights load, a run whose plan does not fit its GPUs")
 
 
 # -----------------------------------------------------------------------------
@@ -419,7 +438,7 @@ def prefix_attention(query, prefix, layer, q_to_kv, scaling):
     return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
 
 
-def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget=1 << 25):
+def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget=SCORE_BUDGET):
     """Softmax attention of q (B, h, Tq, D) over k, v (Bk, hkv, Tk, D), Bk = B or 1 (keys shared by every row), with
     each query's log-sum-exp of its scores, so that attentions over disjoint keys can be merged (merge_attention).
     Plain torch, in fp32 (fp64 for fp64 inputs), over blocks of keys merged the same way, so that no more than about
@@ -543,7 +562,7 @@ class ChunkedLogps(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
-def chunked_logps(hidden, weight, targets, budget=Config.logp_budget):
+def chunked_logps(hidden, weight, targets, budget=LOGP_BUDGET):
     """log softmax(hidden @ weight.T)[targets] in chunks of budget // V rows (budget: logit elements a chunk), with
     fp32 logits whatever the parameter dtype. hidden (M, d), targets (M,) -> (M,); for M = 0, a (0,) tensor still in
     the graph, so that a rank with no targets joins the backward (FSDP's reduce-scatter waits for every rank)."""
@@ -566,7 +585,7 @@ class TokenLogps(nn.Module):
 
 
 @torch.no_grad()
-def response_logps(model, tokenizer, messages, budget=Config.logp_budget):
+def response_logps(model, tokenizer, messages, budget=LOGP_BUDGET):
     """log π(response i | everything before it) for each assistant turn of a rendered chat, summed over its
     tokens: (n,) float64. One forward of a plain (unsharded) model; the LM head runs in chunks."""
     ids, turns = render_chat(tokenizer, messages)
@@ -704,6 +723,13 @@ def render_branches(tokenizer, record, branches=("chosen", "rejected")):
     return seqs, p
 
 
+def _finite_number(x):
+    try:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def pack_record(tokenizer, record, branches=("chosen", "rejected")):
     """One record -> one packed sequence [prefix | branch 1 | branch 2]. The prefix (template, document, I^1)
     is shared; branch 2's positions continue from the prefix. Returns a dict:
@@ -800,6 +826,14 @@ def record_loss(cfg, policy, packed, env):
 # the policy, and one optimizer step's forward and backward
 
 
+def _dtype_of(cfg, device):
+    if cfg.dtype == "float64":
+        return torch.float64, torch.float64
+    if cfg.dtype not in ("auto", "float32"):
+        raise SystemExit(f"--dtype must be auto, float32 or float64, got {cfg.dtype!r}")
+    return torch.float32, (torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else torch.float32)
+
+
 def build_policy(cfg, env, model):
     """The policy module: decoder + chunked LM head, activation-checkpointed and FSDP2-sharded per layer. Under a
     process group only rank 0's model holds weights (load_model(weights=False) builds the others' on the meta
@@ -824,14 +858,11 @@ def build_policy(cfg, env, model):
     return policy.train()
 
 
-def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
-    """Forward and backward of this dp group's records of one step, one packed sequence per micro-step.
-    Returns the summed metrics and the number of tokens processed."""
+def accumulate(cfg, env, policy, packed_records, accum):
+    """Forward and backward of this dp group's packed records of one step (pack_record's dicts), one packed
+    sequence per micro-step. Returns the summed metrics and the number of tokens processed."""
     sums, tokens = {}, 0
-    for i in indices:
-        _, packed = load_example(cfg, tokenizer, data[i])
-        if ref is not None:  # DPO: the initial policy's log-probs on x_L stand in for πS's on x_S
-            packed["ref"] = torch.tensor(ref[str(i)], dtype=torch.float64)  # (2, n)
+    for packed in packed_records:
         loss, m = record_loss(cfg, policy, packed, env)
         # FSDP averages gradients over all `world` ranks, but the sp ranks of a group hold parts of one
         # sequence, whose gradients must be summed: scaling by sp turns the average into sum-over-sp,
@@ -855,11 +886,10 @@ def accumulate(cfg, env, policy, tokenizer, data, indices, accum, ref=None):
 def parse_config(cls, argv, base=None):
     """--field value (or --field=value) for each field of the dataclass cls, over base (default: cls()), through
     argparse: the field's type says what a value may be (an int may be written 1e3; a float is finite and within
-    float32's range; a bool is true or false, or the bare flag), its help line is the comment beside it, and
-    check_config applies its limits. --help lists the flags. A mistake is one line naming the flag."""
+    float32's range; a bool is true or false, or the bare flag), its help its flag()'s text, and check_config
+    applies its limits. --help lists the flags. A mistake is one line naming the flag."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     valid = " ".join("--" + k for k in fields)
-    helps = field_comments(cls)
     base = base or cls()
     # SUPPRESS: a flag not given is absent from the result, where a None would overwrite base's value below
     parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]), usage="%(prog)s [--field value ...]",
@@ -870,7 +900,7 @@ def parse_config(cls, argv, base=None):
         nargs = "*" if kind is list else "?" if kind is bool else None
         parser.add_argument("--" + name, dest=name, type=_flag_type(name, kind), nargs=nargs, metavar=kind.__name__,
                             **({"const": True} if kind is bool else {}),
-                            help=f"{helps.get(name, '')} (default: {default!r})")
+                            help=f"{fields[name].metadata.get('help', '')} (default: {default!r})")
     argv = [_underscored(a) for a in argv]
     for arg in argv:
         if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:
@@ -941,28 +971,8 @@ def _flag_type(name, kind):
     return convert
 
 
-def field_comments(cls):
-    """{field: its comment} from the class's source, the help of each flag: the comment on the field's line and
-    the comment lines below it indented past the fields (a comment at the fields' indent heads a group)."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return {}
-    helps, name = {}, None
-    for line in lines:
-        field = re.match(r"^    (\w+): [\w\[\]]+ = .*?  # (.*)$", line)
-        more = re.match(r"^     +# (.*)$", line)
-        if field:
-            name, helps[field[1]] = field[1], field[2].strip()
-        elif more and name:
-            helps[name] += " " + more[1].strip()
-        else:
-            name = None
-    return helps
-
-
 def check_config(cfg):
-    """Every field's limits (checked()): one line naming the flag and its value for the first one broken."""
+    """Every field's limits (flag()): one line naming the flag and its value for the first one broken."""
     for f in dataclasses.fields(cfg):
         value, ok, choices = getattr(cfg, f.name), f.metadata.get("ok"), f.metadata.get("choices")
         if choices and value not in choices:
@@ -1005,22 +1015,12 @@ def short_repr(x, limit=60):
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
-FLOAT32_MAX = 3.4028234663852886e38
-
-
 def valid_text(text):
     """Encodable as UTF-8: JSON's "\\ud800" escape decodes to a lone surrogate, which no tokenizer takes."""
     try:
         text.encode("utf-8")
         return True
     except UnicodeEncodeError:
-        return False
-
-
-def _finite_number(x):
-    try:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    except OverflowError:  # an integer too large for a float
         return False
 
 
@@ -1205,14 +1205,6 @@ def load_tokenizer(path):
 # dtypes and memory
 
 
-def _dtype_of(cfg, device):
-    if cfg.dtype == "float64":
-        return torch.float64, torch.float64
-    if cfg.dtype not in ("auto", "float32"):
-        raise SystemExit(f"--dtype must be auto, float32 or float64, got {cfg.dtype!r}")
-    return torch.float32, (torch.bfloat16 if device.type == "cuda" and cfg.dtype == "auto" else torch.float32)
-
-
 def inference_dtype(name, device):
     """--dtype of generate.py and eval.py (their configs' choices hold the names): auto = bfloat16 on CUDA,
     float32 on CPU."""
@@ -1246,7 +1238,7 @@ def model_shape(config):
 
 
 def memory_plan(config, stage, tokens, sp=1, dp=1, batch=1, dtype="bfloat16", chunk=0, rows=0, answer=0,
-                optimizer="adam", budget=1 << 25):
+                optimizer="adam", budget=LOGP_BUDGET):
     """Per-GPU bytes of one stage as [(term, bytes, how it is counted)], the peak last. stage: "train" (tokens: the
     longest packed sequence, prefix and both branches; FSDP2 over sp x dp ranks, fp32 master weights and Adam,
     activations in dtype), "generate" (tokens: the document; chunk: its chunks' tokens, rows: chunks a document,
@@ -1284,7 +1276,7 @@ def memory_plan(config, stage, tokens, sp=1, dp=1, batch=1, dtype="bfloat16", ch
         prefill = (3 * m.I + 2 * m.d + 2 * qkv) * t * e + exchange  # one layer's forward: the MLP at its product
         terms = [("weights", m.params * e, "the whole model on every rank (a token's MLP is cheap to repeat)"),
                  ("LM head fp32", head_fp32, "the sampler's fp32 copy of a bf16 head")]
-        decode = 2 * budget * 4  # attention_lse's scores and softmax, a block of keys at a time
+        decode = 2 * SCORE_BUDGET * 4  # attention_lse's scores and softmax, a block of keys at a time
         if stage == "generate":
             tc = -(-chunk // sp)
             terms += [("chunk caches", rows * (tc * sp + sp) * kv_token, f"{rows} chunks of {chunk} tokens, a cache "
@@ -1614,6 +1606,18 @@ def _branches(cfg):
     return ("chosen", "rejected") if cfg.loss != "sft" else (cfg.sft_target,)
 
 
+def examples(cfg, tokenizer, data, indices, ref=None):
+    """The packed records of data entries `indices`, each read from its line when the step needs it; ref: DPO's
+    reference, the initial policy's log-probs on x_L, standing in for πS's on x_S."""
+    out = []
+    for i in indices:
+        _, packed = load_example(cfg, tokenizer, data[i])
+        if ref is not None:
+            packed["ref"] = torch.tensor(ref[str(i)], dtype=torch.float64)  # (2, n)
+        out.append(packed)
+    return out
+
+
 def load_example(cfg, tokenizer, entry):
     """(record, packed sequence) of one data entry, read from its line of the file when it is needed, so that no
     rank holds the whole data set in memory; the branches are those the loss trains on."""
@@ -1656,7 +1660,8 @@ def special_field(rec, tokenizer):
 
 def prepare_data(cfg, tokenizer, env=None):
     """Validate every record and measure its long sequences, the work split over all ranks; returns the entries
-    that fit --max_len as {offset, line, tokens, packed, sha}: every later read of a record checks its sha. Over-long records are skipped with a count (or, with
+    that fit --max_len as {offset, line, tokens, packed, sha}: every later read of a record checks its sha.
+    Over-long records are skipped with a count (or, with
     --too_long error, raise). Packing itself waits until a record is used (load_example)."""
     rank, world = (env.rank, env.world) if env is not None else (0, 1)
     lines = index_lines(cfg.data)
@@ -1904,7 +1909,8 @@ def _train(cfg, env, tokenizer):
         for group in optimizer.param_groups:
             group["lr"] = lr
         # batch, forward, loss, backward
-        sums, tokens = accumulate(cfg, env, policy, tokenizer, data, steps[step][env.dp_rank::env.dp], accum, ref)
+        sums, tokens = accumulate(cfg, env, policy, examples(cfg, tokenizer, data, steps[step][env.dp_rank::env.dp],
+                                                             ref), accum)
         # metrics of the global batch (every sp rank holds the same values), summed over dp groups
         keys = sorted(sums)
         vals = torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64, device=env.device)

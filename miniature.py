@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import longpo
+from longpo import flag
 from eval import format_table, string_match_all
 from generate import FALLBACK_INSTRUCTION, POOL_PROMPT, part_files, read_part
 
@@ -44,34 +45,34 @@ from generate import FALLBACK_INSTRUCTION, POOL_PROMPT, part_files, read_part
 
 @dataclass
 class MiniConfig:
-    out: str = "out/miniature"  # results.json, scores.png, rewards.png, data and checkpoints of every stage
-    pi_s: str = "miniature/pi_s"  # πS: the HF directory `python miniature.py build` writes (shipped in the repo)
-    window: int = 512  # W: πS's max_position_embeddings; every sequence it is trained on fits in W
+    out: str = flag("out/miniature", "results.json, scores.png, rewards.png, data and checkpoints of every stage")
+    pi_s: str = flag("miniature/pi_s", "πS: the HF directory `python miniature.py build` writes (shipped in the repo)")
+    window: int = flag(512, "W: πS's max_position_embeddings; every sequence it is trained on fits in W")
     # building πS (python miniature.py build)
-    build_steps: int = 2000  # optimizer steps
-    build_tokens: int = 4096  # tokens a batch (sequences of one length, as many as fit)
-    build_lr: float = 1e-3  # AdamW peak lr: linear warm-up, cosine decay to a tenth
-    build_seed: int = 0  # world texts and initial weights of πS; the evaluation's seeds are apart (EVAL_SEED)
-    layers: int = 2  # decoder layers of πS
-    hidden: int = 128  # hidden size (head dim = hidden / heads)
-    heads: int = 4  # attention heads (as many kv heads)
-    mlp: int = 256  # intermediate size of the MLP
-    tie: bool = False  # tied input and output embeddings (tied, the keys learnt as outputs blur as inputs)
-    rope_theta_s: float = 10000.0  # πS's RoPE base
+    build_steps: int = flag(2000, "optimizer steps")
+    build_tokens: int = flag(4096, "tokens a batch (sequences of one length, as many as fit)")
+    build_lr: float = flag(1e-3, "AdamW peak lr: linear warm-up, cosine decay to a tenth")
+    build_seed: int = flag(0, "world texts and initial weights of πS; the evaluation's seeds are apart (EVAL_SEED)")
+    layers: int = flag(2, "decoder layers of πS")
+    hidden: int = flag(128, "hidden size (head dim = hidden / heads)")
+    heads: int = flag(4, "attention heads (as many kv heads)")
+    mlp: int = flag(256, "intermediate size of the MLP")
+    tie: bool = flag(False, "tied input and output embeddings (tied, the keys learnt as outputs blur as inputs)")
+    rope_theta_s: float = flag(10000.0, "πS's RoPE base")
     # the experiment (python miniature.py): fixed before any evaluation was looked at
-    docs: int = 96  # round-1 documents (2W-4W tokens each)
-    docs_r2: int = 48  # round-2 documents (4W-8W tokens each)
-    turns: int = 4  # chunks (turns) per document, n in Eq. 13 (paper: up to 4)
-    lr: float = 1e-4  # every objective's Adam lr: the lr πS's build ends at (build_lr / 10)
-    rope_theta: float = 1e5  # the policy's RoPE base: 10 x πS's, as §4.1 raises Mistral's 1e6 to 1e7
-    epochs: int = 2  # passes over each round's records
-    global_batch: int = 8  # records per step (paper: 8)
-    ablation: bool = True  # also LongPO w/o NLL (--nll_weight 0)
-    curve_every: int = 8  # round-1 steps between the checkpoints each objective is scored at (Fig. 4's curves)
-    eval_samples: int = 100  # evaluation texts per length, from EVAL_SEED (needle depths evenly spread)
-    procs: int = 2  # processes for generate.py, longpo.py and eval.py (torchrun, one thread each)
-    seed: int = 0  # the experiment's data seeds (corpora, generation); the evaluation's are EVAL_SEED
-    long: bool = False  # the longer setting, LONG below: 4x the documents and 2x the epochs, 8x the steps
+    docs: int = flag(96, "round-1 documents (2W-4W tokens each)")
+    docs_r2: int = flag(48, "round-2 documents (4W-8W tokens each)")
+    turns: int = flag(4, "chunks (turns) per document, n in Eq. 13 (paper: up to 4)")
+    lr: float = flag(1e-4, "every objective's Adam lr: the lr πS's build ends at (build_lr / 10)")
+    rope_theta: float = flag(1e5, "the policy's RoPE base: 10 x πS's, as §4.1 raises Mistral's 1e6 to 1e7")
+    epochs: int = flag(2, "passes over each round's records")
+    global_batch: int = flag(8, "records per step (paper: 8)")
+    ablation: bool = flag(True, "also LongPO w/o NLL (--nll_weight 0)")
+    curve_every: int = flag(8, "round-1 steps between the checkpoints each objective is scored at (Fig. 4's curves)")
+    eval_samples: int = flag(100, "evaluation texts per length, from EVAL_SEED (needle depths evenly spread)")
+    procs: int = flag(2, "processes for generate.py, longpo.py and eval.py (torchrun, one thread each)")
+    seed: int = flag(0, "the experiment's data seeds (corpora, generation); the evaluation's are EVAL_SEED")
+    long: bool = flag(False, "the longer setting, LONG below: 4x the documents and 2x the epochs, 8x the steps")
 
 
 # `python miniature.py --long`: room for the objectives to differ, fixed before any of its results was seen: four
@@ -679,7 +680,8 @@ def pictures(results, out):
         if os.path.exists(path):
             with open(path) as f:
                 logs[run_name] = [r for r in map(json.loads, f) if not r.get("skipped")]  # a skipped step: no rewards
-    for run_name, label, style in (("longpo", "LongPO", "-"), ("longpo_r2", "LongPO round 2", ":"), ("dpo", "DPO", "--")):
+    for run_name, label, style in (("longpo", "LongPO", "-"), ("longpo_r2", "LongPO round 2", ":"),
+                                   ("dpo", "DPO", "--")):
         m = logs.get(run_name)
         if not m:
             continue

@@ -214,7 +214,8 @@ def worker(spec_path):
             opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
             accum = cfg.global_batch // env.dp
             steps = longpo.schedule(len(data), cfg)
-            sums, _ = longpo.accumulate(cfg, env, policy, tok, data, steps[0][env.dp_rank::env.dp], accum)
+            batch = longpo.examples(cfg, tok, data, steps[0][env.dp_rank::env.dp])
+            sums, _ = longpo.accumulate(cfg, env, policy, batch, accum)
             norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), float("inf"))
             grads = {n.removeprefix("model."): p.grad.full_tensor() for n, p in policy.named_parameters()}
             opt.step()
@@ -875,7 +876,7 @@ def test_memory_plan_against_what_the_code_allocates():
                num_key_value_heads=2)
     exact = {"weights", "gradients", "optimizer state", "document cache"}
     for shape, stage, tokens in ((tiny, "generate", 1024), (tiny, "train", 1024), (mid, "generate", 2048),
-                                 (mid, "train", 4096)):
+                                 (mid, "train", 3072)):  # at 3,072 tokens the layers' backward outweighs the head's
         rows = bench.plan_against_measured(stage, shape, 49152, tokens)
         assert {t for t, _, _ in rows} >= ({"weights", "document cache", "document prefill"} if stage == "generate"
                                            else {"gradients", "checkpointed activations", "backward transients"})
@@ -1509,7 +1510,7 @@ def test_cached_reference_logps_equal_response_logps(tiny_models, monkeypatch, d
     real = longpo.ChunkedLogps.apply
     monkeypatch.setattr(longpo.ChunkedLogps, "apply", lambda *a: rows.append(a[-1]) or real(*a))
     G.cached_response_logps(model, cache, cached, [longpo.render_chat(tok, m) for m in messages])
-    assert rows == [longpo.Config.logp_budget // model.config.vocab_size] and rows[0] > 1000
+    assert rows == [longpo.LOGP_BUDGET // model.config.vocab_size] and rows[0] > 1000
 
 
 def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
@@ -1689,8 +1690,8 @@ def heads93(tmp_path_factory):
 def test_sequence_parallel_generation_writes_the_records_of_one_rank(heads93):
     """generate.py with each document spread over 2 and 3 ranks (9 query / 3 kv heads: uneven head shares, a kv
     head on two ranks) writes the records of one process: the same pools, instructions, chosen and rejected
-    answers, the reference log-probs to float64 rounding; at sp 2 x dp 1 and at dp 2 alike; and a run killed after
-    a document resumes to the same file."""
+    answers, the reference log-probs to float64 rounding; and a run at sp 2 killed after a document resumes to the
+    same file."""
     d, path = heads93
     args = ["generate.py", "--model", path, "--corpus", d / "corpus.jsonl", "--max_len", "640", "--chunk_tokens",
             "96", "--min_chunk_tokens", "16", "--chunks_per_doc", "3", "--pool_max_new_tokens", "24",
@@ -1698,7 +1699,7 @@ def test_sequence_parallel_generation_writes_the_records_of_one_rank(heads93):
     torchrun(1, "test_longpo.py", "exact", *args, "--out", d / "one.jsonl")
     want = longpo.read_records(str(d / "one.jsonl"))
     assert len(want) >= 2 and sum(len(r["turns"]) for r in want) >= 3
-    for nproc, sp in ((2, 2), (3, 3), (2, 1)):
+    for nproc, sp in ((2, 2), (3, 3)):  # (dp 2 at sp 1: test_resume_and_sharding_reproduce_the_file)
         out = d / f"sp{sp}x{nproc // sp}.jsonl"
         torchrun(nproc, "test_longpo.py", "exact", *args, "--sp", sp, "--out", out)
         got = longpo.read_records(str(out))
@@ -2436,7 +2437,7 @@ def test_remainder_records_are_reported(tiny, tmp_path):
     assert "1 record(s) an epoch fill no batch of --global_batch 2 and are left out of that epoch" in p.stdout
 
 
-def test_generate_corpus_and_flags(tmp_path):
+def test_generate_corpus_and_flags(tmp_path, capsys):
     # U+2028 inside a JSON string is text, not a line break; control-token strings go to a fixed point
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"text": "c"}) + "\n",
@@ -2448,11 +2449,16 @@ def test_generate_corpus_and_flags(tmp_path):
         with pytest.raises(SystemExit, match=message):
             G.read_corpus(str(corpus))
     assert G.remove_specials("x<|im_<|im_end|>end|>y<|im_end|>", ["<|im_end|>"]) == ("xy", 3)
-    for flag in (["--chunk_tokens", "-1"], ["--pool_temperature", "-1"], ["--sp", "-1"], ["--chunk_cap", "0"],
-                 ["--response_top_p", "0"], ["--rep_ratio_rejected", "1.5"], ["--long_rope_theta", "-1"]):
-        p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
-                           capture_output=True, text=True, cwd=HERE, timeout=120)
-        assert p.returncode == 2 and p.stderr.startswith(f"{flag[0]} ") and "is out of range" in p.stderr
+    flags = (["--chunk_tokens", "-1"], ["--pool_temperature", "-1"], ["--sp", "-1"], ["--chunk_cap", "0"],
+             ["--response_top_p", "0"], ["--rep_ratio_rejected", "1.5"], ["--long_rope_theta", "-1"])
+    for k, flag in enumerate(flags):  # the first as its own process, the rest as the command line runs main
+        if k == 0:
+            p = subprocess.run([sys.executable, "generate.py", "--out", str(tmp_path / "o.jsonl"), *flag],
+                               capture_output=True, text=True, cwd=HERE, timeout=120)
+            code, err = p.returncode, p.stderr
+        else:
+            code, _, err = cli(G.main, ["--out", tmp_path / "o.jsonl", *flag], capsys)
+        assert code == 2 and err.startswith(f"{flag[0]} ") and "is out of range" in err
         assert not os.path.exists(tmp_path / "o.jsonl.parts")  # nothing written that a corrected rerun would refuse
 
 
