@@ -64,9 +64,8 @@ class GenConfig:
     chunk_tokens: int = flag(0, "|C_S^i|: documents are cut into consecutive chunks of up to this many tokens; 0 = the"
                              " smaller of --chunk_cap and the longest that keeps πS inside its window "
                              "(max_chunk_tokens)", lambda x: x >= 0)
-    chunk_cap: int = flag(32768, "the longest chunk --chunk_tokens 0 gives, whatever πS's window (§4.1: \"chunks of "
-                          "up "
-                          'to 32K tokens", every round)', lambda x: x >= 1)
+    chunk_cap: int = flag(32768, "the longest chunk --chunk_tokens 0 gives, whatever πS's window (§4.1: chunks of "
+                          "up to 32K tokens, every round)", lambda x: x >= 1)
     min_chunk_tokens: int = flag(128, "a shorter trailing chunk is never sampled", lambda x: x >= 1)
     chunks_per_doc: int = flag(4, "n: at most this many chunks sampled per document (turns)", lambda x: x >= 1)
     # instruction pool (Appendix B.1)
