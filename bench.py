@@ -729,6 +729,42 @@ def plan_against_measured(stage, shape, V, tokens, branch=128, budget=1 << 22, l
     return [(term, planned[term], got[term]) for term in got if term in planned]
 
 
+def _host_load_run(spec):
+    """Under torchrun: the model of spec["model"] loaded as longpo.py loads it (rank 0 reads the weights, the others
+    build it on the meta device and receive their shards) and sharded; each rank's peak RSS then, in MB."""
+    env = longpo.setup_distributed(1)
+    cfg = longpo.Config(grad_ckpt=False)
+    model, _ = longpo.load_model(spec["model"], torch.float32, "longpo", weights=env.master)
+    longpo.build_policy(cfg, env, model)
+    peaks = [None] * env.world
+    dist.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    longpo.teardown_distributed()
+    return {"rank_peak_mb": peaks}
+
+
+def bench_host_load(model_dir=""):
+    """A model's load under FSDP2 over 2 ranks: each rank's peak host memory once sharded. Rank 0 alone reads the
+    weights (the whole fp32 model passes through its memory); rank 1 holds only what its shards and the libraries
+    take. A random 113M-parameter Llama (SmolLM2's vocabulary) when no --model is given."""
+    import tempfile
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as tmp:
+        if not model_dir:
+            tok = longpo.load_tokenizer("")
+            config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=768, intermediate_size=2048,
+                                          num_hidden_layers=6, num_attention_heads=12, num_key_value_heads=4)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            model_dir = tmp
+        params = longpo.model_shape(AutoConfig.from_pretrained(model_dir)).params
+        peaks = _spawn({"kind": "host_load", "model": model_dir}, nproc=2)["rank_peak_mb"]
+    row = {"params_m": round(params / 1e6, 1), "fp32_mb": round(params * 4 / 2**20), "rank0_peak_mb": round(peaks[0]),
+           "rank1_peak_mb": round(peaks[1]), "rank1_below_rank0_mb": round(peaks[0] - peaks[1])}
+    print_row(row)
+    return [row]
+
+
 def bench_memory_plan(cfg):
     """The plan's terms against what the code allocates, a ~60M-parameter Llama (SmolLM2's vocabulary) at a few
     lengths: generation's document cache and prefill, training's weights, gradients, Adam state, checkpointed
@@ -765,6 +801,7 @@ SECTIONS = {  # name -> run(cfg) returning a list of rows; "gpu" runs only when 
     "cache_reuse": lambda c: [bench_cache_reuse(c.model, repeats=c.repeats)],
     "generation_stages": lambda c: bench_generation_stages(c.model, repeats=c.repeats, doc=c.stages_doc),
     "memory_plan": bench_memory_plan,
+    "host_load": lambda c: bench_host_load(c.model),
     "gpu": lambda c: bench_gpu(steps=c.steps, tokenizer=c.tokenizer),
 }
 
@@ -797,7 +834,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":  # a measurement in a fresh process (see _spawn)
         spec = json.loads(sys.argv[2])
         kind = spec.get("kind")
-        runs = {"logits": _logits_run, "plan": _plan_run, "shared": _shared_run, "sp_cache": _sp_cache_run}
+        runs = {"logits": _logits_run, "plan": _plan_run, "shared": _shared_run, "sp_cache": _sp_cache_run,
+                "host_load": _host_load_run}
         result = runs.get(kind, _one_step_run)(spec)
         longpo.print0(json.dumps(result))  # rank 0 only: every rank holds the same (max-reduced) figures
     else:
