@@ -11,7 +11,7 @@ constraint of Eq. 10 bounds, which compares the policy on x_L with πS on x_S), 
 and acc_norm as lm-evaluation-harness computes them.
 
     # the embedded SmolLM2-135M-Instruct against the newest checkpoint in out/longpo: one task per RULER category
-    # (niah_single, vt, fwe, mc_records) at 1K-8K, 1 sample each (about 4 min a model on an idle 2-core CPU)
+    # (niah_single, vt, fwe, mc_records) at 1K-8K, 1 sample each
     python eval.py
     # every task
     python eval.py --tasks all

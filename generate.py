@@ -13,7 +13,7 @@ serves the chunk's pool, its chosen answer and both of its reference log-probs; 
     # 32K, here the most that Mistral-7B-Instruct-v0.2's 32K window leaves beside the prompt and answer budgets)
     torchrun --nproc_per_node 8 generate.py --corpus /data/long_docs.jsonl --model /ckpt/Mistral-7B-Instruct-v0.2 \
         --out data/mistral-128k.jsonl
-    # one CPU process: the embedded SmolLM2-135M-Instruct over a small synthetic corpus written here (a few minutes)
+    # one CPU process: the embedded SmolLM2-135M-Instruct over a small synthetic corpus written here
     python generate.py
     # an override: the next round of self-evolution, from a longpo.py checkpoint, on longer documents
     python generate.py --model out/longpo/step-000100 --corpus docs/ --max_len 262144

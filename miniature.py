@@ -1,20 +1,21 @@
-"""LongPO in miniature: the paper's loop (arXiv 2502.13922, §3.3, Table 1, Fig. 6) on a tiny short-window model.
+"""LongPO in miniature: the paper's loop (arXiv 2502.13922, §3.3, Table 1, Figs. 4, 6) on a tiny short-window model.
 
 A synthetic world written in code (filler sentences and facts "the code of KEY is VALUE ."), a word-level tokenizer
 with a ChatML template, and πS: a 0.44M-parameter Llama (2 layers, hidden 128) trained here at no more than W = 512
 tokens to read text, answer "what is the code of KEY ?" from it, and write a numbered pool of such questions about a
 text. Measured, πS answers every question inside its window and few past it. The experiment then runs the project's
 own scripts as a user runs them: generate.py (πS writes short-to-long preference data), longpo.py (LongPO, LongPO
-without NLL, and the SFT and DPO baselines on the same records), a second round of self-evolution (the round-1
-LongPO model as πS on documents twice as long), and eval.py on every model (a single-needle retrieval of the world
-at W/2 ... 8W, through eval.py's --task_file, and short-context NLL / KL on held-out short pairs).
+without NLL, and the SFT, SFT-Rejected and DPO baselines on the same records, each also scored at its earlier
+checkpoints: Fig. 4's curves), a second round of self-evolution (the round-1 LongPO model as πS on documents twice as
+long), and eval.py on every model (a single-needle retrieval of the world at W/2 ... 8W, through eval.py's
+--task_file, and short-context NLL / KL on held-out short pairs).
 
-    # the whole experiment on the shipped πS (about 3.6 min on a 2-core CPU): a Table-1-like table, two pictures
+    # the whole experiment on the shipped πS: a Table-1-like table, Fig. 4's curves, three pictures
     python miniature.py
-    # build πS from its fixed seed (5.5 min on one core; the shipped weights in miniature/pi_s are exactly this)
+    # build πS from its fixed seed (the shipped weights in miniature/pi_s are exactly this)
     python miniature.py build
-    # an override: another output folder
-    python miniature.py --out out/mini2
+    # the longer setting: 4x the documents, 2x the epochs
+    python miniature.py --long
 
 Nothing in longpo.py, generate.py or eval.py imports this file.
 """

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The two commands of the README, from a fresh clone:
+# The README's commands, from a fresh clone:
 #   bash run.sh test       install, then run the test suite
-#   bash run.sh pipeline   install, then the miniature: πS (shipped in miniature/pi_s) -> generate -> SFT, DPO,
-#                          LongPO -> round 2 -> evaluate, ending with a Table-1-like table and two pictures
+#   bash run.sh pipeline   install, then the miniature: πS (shipped in miniature/pi_s) -> generate -> SFT,
+#                          SFT-Rejected, DPO, LongPO (and w/o NLL) -> round 2 -> evaluate, ending with a
+#                          Table-1-like table, Fig. 4's curves and three pictures
 #   bash run.sh smollm2    install, then generate -> train (torchrun, 2 processes) -> evaluate, on the embedded
 #                          SmolLM2-135M-Instruct (the real-model path: inside its 8K window on this CPU)
 set -euo pipefail
@@ -24,7 +25,7 @@ case "${1:-}" in
     ;;
   pipeline)
     install
-    # the paper's loop in miniature (about 4 min on a 2-core CPU); results in out/miniature
+    # the paper's loop in miniature; results in out/miniature (its time: docs/benchmarks.md)
     python miniature.py
     ;;
   smollm2)

@@ -1570,19 +1570,26 @@ def test_shared_chunk_records_equal_the_unshared_path(tiny_models, monkeypatch):
 # the pipeline end to end: reference log-probs, resume, sharding
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_models):
-    """A tiny model whose generation config lists frequent tokens as EOS (a random model never says <|im_end|>),
-    and a JSONL corpus of five documents, one of them outside the length range."""
+def eos_model(path, n_eos, **shape):
+    """A tiny Llama whose generation config lists its n_eos most frequent tokens as EOS too (a random model never
+    says <|im_end|>), so that answers end at different lengths."""
     from transformers import GenerationConfig
-    d = tmp_path_factory.mktemp("pipe")
-    path = make_model(str(d / "model"), family="llama", seed=4)
+    make_model(path, family="llama", **shape)
     model, tok = load(path)
     free = G.generate_tokens(model, prompts_of(tok, (8, 20, 30, 14), seed=9), [tok.eos_token_id], 30)
     common = sorted({t for toks, _ in free for t in toks}, key=lambda t: -sum(x.count(t) for x, _ in free))
     gc = GenerationConfig.from_pretrained(path)
-    gc.eos_token_id = [tok.eos_token_id] + common[:6]
+    gc.eos_token_id = [tok.eos_token_id] + common[:n_eos]
     gc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_models):
+    """A tiny model whose generation config lists frequent tokens as EOS (a random model never says <|im_end|>),
+    and a JSONL corpus of five documents, one of them outside the length range."""
+    d = tmp_path_factory.mktemp("pipe")
+    path = eos_model(str(d / "model"), 6, seed=4)
     rng = random.Random(1)
     corpus = d / "corpus.jsonl"
     with open(corpus, "w") as f:
@@ -1705,15 +1712,8 @@ def test_generate_groups_finishing_apart_join_through_files(pipeline, tmp_path):
 def heads93(tmp_path_factory):
     """A tiny Llama with SmolLM2's 9 query and 3 kv heads (uneven shares at P = 2), frequent tokens as EOS, and
     three documents."""
-    from transformers import GenerationConfig
     d = tmp_path_factory.mktemp("h93")
-    path = make_model(str(d / "model"), family="llama", heads=9, kv_heads=3, hidden=36, seed=4)
-    model, tok = load(path)
-    free = G.generate_tokens(model, prompts_of(tok, (8, 20, 30, 14), seed=9), [tok.eos_token_id], 30)
-    common = sorted({t for toks, _ in free for t in toks}, key=lambda t: -sum(x.count(t) for x, _ in free))
-    gc = GenerationConfig.from_pretrained(path)
-    gc.eos_token_id = [tok.eos_token_id] + common[:4]
-    gc.save_pretrained(path)
+    path = eos_model(str(d / "model"), 4, heads=9, kv_heads=3, hidden=36, seed=4)
     rng = random.Random(2)
     with open(d / "corpus.jsonl", "w") as f:
         for n in (250, 300, 280):
