@@ -123,7 +123,7 @@ def _attention_calls():
 
 
 def _old_prefill(model, ids, chunk=2048):
-    """The prefill before this project's attention: transformers' own SDPA attention over its DynamicCache, chunk
+    """The prefill transformers' own attention makes: its SDPA attention over its DynamicCache, chunk
     tokens a forward (each chunk after the first gets a boolean mask and K/V copied out to every query head)."""
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
@@ -135,7 +135,7 @@ def _old_prefill(model, ids, chunk=2048):
 
 def bench_prefill(model_dir="", lengths=(4096, 8192), repeats=2):
     """A document's prefill: one forward through longpo's attention (no mask, no kv head copied; generate.fill)
-    against transformers' SDPA attention over its DynamicCache in 2,048-token chunks (the path before): time, and
+    against transformers' SDPA attention over its DynamicCache in 2,048-token chunks: time, and
     the masks and kv head copies counted at torch's SDPA (the kv heads' count the model's)."""
     model, tok = _load(model_dir)
     hf_model, _ = _load(model_dir, "sdpa")
@@ -266,7 +266,7 @@ def bench_cache_reuse(model_dir="", doc_tokens=4096, n_instructions=4, new_token
 
 
 def unshared_record(cfg, model, tokenizer, eos_ids, index, source, text, offsets, model_name):
-    """generate.build_record's recipe the plain way, the path before any cache sharing: every chunk prefilled afresh
+    """generate.build_record's recipe the plain way, with no cache shared between uses: every chunk prefilled afresh
     for its pool and again for its chosen answer, the document once for each rejected answer, each reference
     log-prob a full forward (longpo.response_logps). The same draws from the document's generators, so the same
     record (to float rounding); the test suite's oracle for build_record and bench's slow side. (record, counts)."""

@@ -112,7 +112,7 @@ EMBEDDED = dict(max_len=8192, chunk_tokens=1024, chunks_per_doc=2, max_docs=4, p
                 max_new_tokens=160)
 # fields that do not change any document's record: a resumed run may differ in them
 RESUME_FREE = ("out", "max_docs", "corpus", "timeout_min", "plan", "plan_check",  # the corpus: by its contents
-               "stop_after", "prefill_chunk", "long_group")  # fields of earlier versions
+               "stop_after", "prefill_chunk", "long_group")  # fields parts written before may hold
 
 
 # -----------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 Reference trainer for arXiv 2502.13922 (ICLR 2025): the multi-turn LongPO loss (Eq. 13), the
 NLL term over the long chosen sequence (Eq. 14), the SFT and DPO baselines of section 5, with
-hand-written Ulysses sequence parallelism and FSDP2 sharding.
+hand-written Ulysses sequence parallelism and FSDP2 sharding. The method comes first (the attention, which also
+writes generation's KV cache, the log-probs, the losses, one step); the machinery a port replaces follows it.
 
-    # 8 GPUs, Mistral-7B at 128K tokens, sequence parallel over all 8 ranks (the paper's setup)
+    # 8 GPUs, Mistral-7B, documents of 128K tokens and their turns, sequence parallel over all 8 (the paper's setup)
     torchrun --nproc_per_node 8 longpo.py --data data/longpo.jsonl --model /ckpt/Mistral-7B-Instruct-v0.2 \
-        --max_len 131072 --out out/mistral-longpo-128k
+        --max_len 135168 --out out/mistral-longpo-128k
+    # what that run needs of a GPU, from the model's config.json alone
+    python longpo.py --plan --model /ckpt/Mistral-7B-Instruct-v0.2 --max_len 135168 --sp 8
     # one CPU process, the embedded SmolLM2-135M-Instruct, tiny settings
     python longpo.py --data data/longpo.jsonl --max_steps 2 --global_batch 2
     # an override: the released code's turn aggregation and its β

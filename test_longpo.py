@@ -512,7 +512,7 @@ def test_fsdp_equals_one_process(tiny, tmp_path, nproc, sp):
         cfg = longpo.Config(**cfgd)
         ref_model, tok = longpo.load_model(str(tiny / m), torch.float64, "sdpa")
         assert (ref_model.lm_head.weight is ref_model.model.embed_tokens.weight) == (m == "tied")
-        # loaded once, by rank 0, and sent in shards: bitwise the weights every rank used to read itself, and the
+        # loaded once, by rank 0, and sent in shards: bitwise the weights of a plain load, and the
         # RoPE frequencies (a buffer no state dict holds) rebuilt on every rank
         assert got["loaded"].keys() == dict(ref_model.named_parameters()).keys()
         assert all(torch.equal(got["loaded"][n], p) for n, p in ref_model.named_parameters())
@@ -1871,7 +1871,7 @@ def test_cwe_and_fwe_answers_are_the_most_frequent(tok):
     words = context_of(s["user"]).split()
     top = sorted(set(words), key=lambda w: -words.count(w))[:3]
     assert sorted(words.count(w) for w in s["answers"]) == sorted(words.count(w) for w in top)
-    # the pseudo-word pool no longer grows with the length (it used to ask for more distinct words than exist past
+    # the pseudo-word pool does not grow with the length (it would ask for more distinct words than exist past
     # ~700K tokens, and loop for ever): a 1M-token list builds, its common words still the most frequent
     user, answers, _, _, _ = E.task_cwe(random.Random(0), "s", 0.5, 1 << 20)(300_000)
     entries = user.split("\n\n")[1].split("\n")
@@ -2368,7 +2368,7 @@ def test_miniature_end_to_end_toy(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# non-finite values never reach the weights (issue: careless or hostile input)
+# non-finite values never reach the weights (careless or hostile input)
 
 
 def test_non_finite_flags_references_and_weights_refused(tiny, tmp_path):
