@@ -713,22 +713,32 @@ def long_context(cfg, model, tokenizer, name, lengths, own=None, env=None, cells
     return out
 
 
-def read_cells(cfg, models, master):
+def read_cells(cfg, models, env, dtype):
     """The finished cells of a sweep: one JSON line each in --json's .cells.jsonl file, appended and flushed as each
     finishes, so that a rerun with the same flags reads them back and computes only the rest. A cell's key holds
-    what its numbers depend on: the model's directory and weight files, the task and length, the flags that shape
-    the samples, the input files' contents. Returns the namespace cell_key and save_cell take."""
-    settings = {k: getattr(cfg, k) for k in ("samples", "seed", "max_new_tokens", "batch", "short_n", "dtype")}
+    what its numbers depend on: the model's directory (weights, config, tokenizer, template), the task and length,
+    the flags that shape the samples, the resolved dtype, the input files' contents. Rank 0 reads the file (cutting
+    a torn last line off, so that appending goes on at a line's end) and every rank gets what it read. Returns the
+    namespace cell_key and save_cell take."""
+    settings = {k: getattr(cfg, k) for k in ("samples", "seed", "max_new_tokens", "batch", "short_n")}
     files = {f: longpo.file_fingerprint(f) for f in (cfg.task_file, cfg.mc, cfg.short_data) if f}
-    cells = SimpleNamespace(path=cfg.json + ".cells.jsonl", master=master, done={},
-                            base=json.dumps({"settings": settings, "files": files}, sort_keys=True),
+    cells = SimpleNamespace(path=cfg.json + ".cells.jsonl", master=env.master, done={},
+                            base=json.dumps({"settings": settings, "dtype": str(dtype), "files": files},
+                                            sort_keys=True),
                             models={name: model_identity(path) for name, path in models})
-    if os.path.exists(cells.path):
-        with open(cells.path, encoding="utf-8") as f:
-            for line in f:
-                if line.endswith("\n"):  # a torn last line (a crash mid-write) is not a cell
-                    entry = json.loads(line)
-                    cells.done[entry["key"]] = entry["result"]
+    done = [{}]
+    if env.master and os.path.exists(cells.path):
+        with open(cells.path, "rb") as f:
+            data = f.read()
+        if not data.endswith(b"\n") and data:  # a crash mid-write
+            with open(cells.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+        for line in data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines():
+            entry = json.loads(line)
+            done[0][entry["key"]] = entry["result"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(done, 0)  # one decision for every rank: which cells are left to compute
+    cells.done = done[0]
     return cells
 
 
@@ -750,7 +760,8 @@ def model_identity(path):
     to the same path is another model."""
     path = os.path.realpath(path or longpo.default_model_dir())
     return [path] + [(f, os.stat(os.path.join(path, f)).st_size, os.stat(os.path.join(path, f)).st_mtime_ns)
-                     for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".bin", "config.json"))]
+                     for f in sorted(os.listdir(path))
+                     if f.endswith((".safetensors", ".bin", ".json", ".jinja", ".model", ".txt"))]
 
 
 def weighted(parts, key, weight):
@@ -920,7 +931,7 @@ def main(cfg):
     print0(json.dumps(dataclasses.asdict(cfg)))
     if os.path.dirname(cfg.json) and env.master:
         os.makedirs(os.path.dirname(cfg.json), exist_ok=True)
-    cells = read_cells(cfg, models, env.master)
+    cells = read_cells(cfg, models, env, dtype)
     if cells.done:
         print0(f"{len(cells.done)} cell(s) already in {cells.path}: not computed again")
 
@@ -929,9 +940,11 @@ def main(cfg):
     for k, (name, path) in enumerate(models):
         t0 = time.time()
         tokenizer = tokenizers[name]
-        short_key = cell_key(cells, name, "short") if pairs or mc_items else None
+        # a short-context cell holds the KL against the first model: that model is part of its key
+        short_key = cell_key(cells, name, "short", cells.models[models[0][0]]) if pairs or mc_items else None
         todo = [cell_key(cells, name, t, L) for L in lengths for t in cfg.tasks] + ([short_key] if short_key else [])
-        kl_base = k == 0 and pairs and any(cell_key(cells, n, "short") not in cells.done for n, _ in models[1:])
+        kl_base = k == 0 and pairs and any(cell_key(cells, n, "short", cells.models[name]) not in cells.done
+                                           for n, _ in models[1:])
         model = None
         if any(key not in cells.done for key in todo) or kl_base:  # else every cell of it is done: no load
             model = longpo.load_model(path, dtype, "longpo")[0].to(env.device).eval()  # caches carry the group

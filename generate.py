@@ -5,9 +5,10 @@ for each long document C_L, sample chunks C_S^i, let πS write an instruction po
 and pick one instruction I^i, then answer it twice (greedily, B.1): chosen y_S^i given [C_S^i; I^i], rejected y_L^i
 given [C_L; I^i]. The reference log-probs log πS(y | C_S^i, I^i) of Eq. 12-13 are stored in each turn, so training
 holds no reference model. Chunks are sized so that πS answers them inside its own window; only the rejected answer is
-generated past it (optionally at another RoPE base, --long_rope_theta). The sampler is hand-written over
-transformers' KV cache: prefill, decode_one_token, sample. Each chunk is prefilled once per turn, and its cache
-serves the chunk's pool, its chosen answer and both of its reference log-probs; the document's once for all turns.
+generated past it (optionally at another RoPE base, --long_rope_theta). The sampler is hand-written over the KV
+cache longpo's attention writes: prefill, decode_one_token, sample. Each chunk is filled once per turn, and its cache
+serves the chunk's pool, its chosen answer and both of its reference log-probs; the document's once for all turns,
+read by every answer. --sp P spreads each document over P ranks.
 
     # 8 GPUs, data parallel over documents (the paper's 128K setting: documents of 64K-128K tokens, chunks of up to
     # 32K, here the most that Mistral-7B-Instruct-v0.2's 32K window leaves beside the prompt and answer budgets)
@@ -18,7 +19,7 @@ serves the chunk's pool, its chosen answer and both of its reference log-probs; 
     # an override: the next round of self-evolution, from a longpo.py checkpoint, on longer documents
     python generate.py --model out/longpo/step-000100 --corpus docs/ --max_len 262144
 
-Output: JSONL, one record per document (schema: README.md, Record schema). Each rank appends one line per finished
+Output: JSONL, one record per document (schema: docs/operations.md). Each dp group appends one line per finished
 document to OUT.parts/rank-NNNNN.jsonl and flushes it; a rerun resumes from there, and the parts are merged into
 OUT, sorted by document index, at the end. Symbols: B batch (prompts decoded together), T tokens, V vocabulary.
 """
@@ -157,18 +158,6 @@ def new_cache(model, rows, tokens, group=None):
     return longpo.kv_cache(model.config, rows, tokens, p.device, p.dtype, group)
 
 
-def _room(cache, tokens):
-    """Grow the cache to hold `tokens` positions when it holds fewer (its filled part copied over)."""
-    have = cache.k[0].shape[2]
-    if tokens <= have:
-        return
-    for kv in (cache.k, cache.v):
-        for i, x in enumerate(kv):
-            kv[i] = torch.cat([x, x.new_zeros(*x.shape[:2], tokens - have, x.shape[3])], 2)  # (B, h, tokens, D)
-    if cache.valid is not None:
-        cache.valid = torch.cat([cache.valid, cache.valid.new_zeros(cache.valid.shape[0], tokens - have)], 1)
-
-
 def _feed(model, cache, ids, positions, seq_sharded):
     """ids, positions (B, t) after the cache's n positions, through the decoder: the cache gets their keys and
     values and n advances by t. seq_sharded: each rank of the cache's group feeds a slice of the t positions
@@ -179,7 +168,7 @@ def _feed(model, cache, ids, positions, seq_sharded):
                          "longpo.load_model(..., attn=\"longpo\")")
     P = cache.group.size() if cache.group is not None and seq_sharded else 1
     pad = -ids.shape[1] % P
-    _room(cache, cache.n + ids.shape[1] + pad)
+    assert cache.n + ids.shape[1] + pad <= cache.k[0].shape[2], "every cache is made with the room it needs"
     if P > 1:
         ids = F.pad(ids, (0, pad))  # (B, t + pad)
         positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(pad, device=ids.device)], 1)
@@ -252,8 +241,8 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 def prefill_prefixes(model, prefixes, group=None):
     """One cache row per prefix (lists of token ids), each filled alone at positions 0, 1, ... (fill: no padding,
-    no mask), so rows differ in length: cache.valid (rows, longest) marks each row's tokens. Returns (cache,
-    cached): cached[b], the tokens row b holds."""
+    no mask), so rows differ in length (read_prefixes says which entries a prompt reads). Returns (cache, cached):
+    cached[b], the tokens row b holds."""
     device = next(model.parameters()).device
     longest = max(len(p) for p in prefixes)
     P = group.size() if group is not None else 1
@@ -264,8 +253,6 @@ def prefill_prefixes(model, prefixes, group=None):
                                      "v": [x[r:r + 1] for x in cache.v], "n": 0})  # row r's buffers, as views
             fill(model, row, torch.tensor([p], device=device))  # (1, len(p))
     cache.n = longest
-    cache.valid = torch.arange(longest + P, device=device)[None] < torch.tensor([len(p) for p in prefixes],
-                                                                                device=device)[:, None]
     return cache, [list(p) for p in prefixes]
 
 
@@ -303,12 +290,16 @@ def read_prefixes(cached, prompts):
 def keep_rows(cache, cached, rows):
     """Keep only rows `rows` of a prefill_prefixes cache, in that order; the others' memory is freed, a layer at a
     time."""
-    idx = torch.tensor(rows, dtype=torch.long, device=cache.k[0].device)
+    select_rows(cache, torch.tensor(rows, dtype=torch.long, device=cache.k[0].device))
+    return [cached[r] for r in rows]
+
+
+def select_rows(cache, idx):
+    """Keep rows idx (a tensor) of a cache, in that order, a layer at a time: the others' memory is freed."""
     for kv in (cache.k, cache.v):
         for i, x in enumerate(kv):
             kv[i] = x.index_select(0, idx)  # (B, h, T, D) -> (B', h, T, D)
-    cache.valid = cache.valid.index_select(0, idx)
-    return [cached[r] for r in rows]
+    cache.valid = cache.valid.index_select(0, idx) if cache.valid is not None else None
 
 
 def move_cache(cache, device):
@@ -316,7 +307,6 @@ def move_cache(cache, device):
     for kv in (cache.k, cache.v):
         for i, x in enumerate(kv):
             kv[i] = x.to(device)
-    cache.valid = cache.valid.to(device) if cache.valid is not None else None
 
 
 # -----------------------------------------------------------------------------
@@ -376,6 +366,8 @@ def _generate_rows(model, prefix, valid, rows, tails, eos_ids, max_new_tokens, t
             if bad:  # drawn from it would mean anything
                 raise NonFiniteLogits([active[j] for j in bad])
             token = sample(logits, temperature, top_p, generator)  # (A,) for the A active rows
+            if group is not None:  # the group's ranks go on alike whatever their kernels round: rank 0's token
+                dist.broadcast(token, dist.get_global_rank(group, 0), group=group)
             is_eos = torch.isin(token, eos).tolist()
             for j, t in enumerate(token.tolist()):
                 if is_eos[j]:
@@ -387,10 +379,7 @@ def _generate_rows(model, prefix, valid, rows, tails, eos_ids, max_new_tokens, t
                 break
             if len(keep) < len(active):  # finished rows leave the batch (their own rows; the prefix is only read)
                 idx = torch.tensor(keep, device=device)
-                for kv in (cache.k, cache.v):
-                    for i, x in enumerate(kv):
-                        kv[i] = x.index_select(0, idx)  # (A, h, T, D) -> (A', h, T, D)
-                cache.valid = cache.valid.index_select(0, idx)
+                select_rows(cache, idx)  # (A, h, T, D) -> (A', h, T, D)
                 pre = cache.prefix
                 if pre is not None and pre.rows is not None:  # per-row prefixes: which to read
                     pre.rows = [pre.rows[j] for j in keep]
@@ -995,7 +984,8 @@ def summary_lines(counts, cfg):
 
 def main(argv):
     cfg = longpo.parse_config(GenConfig, argv)
-    if not cfg.corpus:  # the embedded corpus: its defaults under the flags given (checked before anything is written)
+    if not cfg.corpus and not cfg.plan:  # the embedded corpus: its defaults under the flags given (checked before
+        # anything is written); a plan is of the settings given
         cfg = longpo.parse_config(GenConfig, argv, base=GenConfig(**EMBEDDED))
     stop_after = int(os.environ.get("LONGPO_STOP_AFTER", -1))  # tests: stop after N documents, unmerged (a crash)
     config = longpo.AutoConfig.from_pretrained(cfg.model or longpo.default_model_dir())
@@ -1109,9 +1099,9 @@ def main(argv):
         try:
             record, counts = build_record(cfg, model, tokenizer, eos_ids, i, source, text, offsets, model_name,
                                           env.sp_group)
-        except NonFiniteLogits as e:  # no record is written from such numbers
-            raise SystemExit(f"document {i} ({source}): {e}; nothing of it is written (--dtype float32 may avoid "
-                             "an overflow of bfloat16)") from None
+        except NonFiniteLogits as e:  # no record is written from such numbers; this group alone meets it
+            raise longpo.RankError(f"document {i} ({source}): {e}; nothing of it is written (--dtype float32 may "
+                                   "avoid an overflow of bfloat16)") from None
         except longpo.RenderError as e:  # a chat this template will not render: skipped, never blocking a resume
             if writer:
                 print(f"skipping document {i} ({source}): {e}", file=sys.stderr, flush=True)

@@ -117,7 +117,7 @@ class Config:
     max_steps: int = flag(-1, "stop after this many optimizer steps; -1 = all epochs", lambda x: x >= -1)
     seed: int = flag(0, "data order (torch's seeds are 64-bit)", lambda x: 0 <= x < 2**63)
     # parallelism and memory
-    sp: int = flag(0, "sequence-parallel group size P; 0 = all ranks; dp = world / sp")
+    sp: int = flag(0, "sequence-parallel group size P; 0 = all ranks; dp = world / sp", lambda x: x >= 0)
     logp_budget: int = flag(LOGP_BUDGET, "logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never "
                             "(T, V)", lambda x: x >= 1)
     grad_ckpt: bool = flag(True, "activation checkpointing per decoder layer")
@@ -270,18 +270,18 @@ def flash_applies(q):
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _attend(q, k, v, q_to_kv, scaling, key_valid=None):
+def _attend(q, k, v, q_to_kv, scaling):
     """Causal attention of q (B, h, Tq, D) over k, v (B, hkv, Tk, D), the diagonal aligned to the last key: query i
-    sees keys 0 .. Tk - Tq + i (Tq == Tk: the usual causal square; Tq == 1: every key; in between: a prefill chunk
-    over a cache, or the rejected branch over the prefix). key_valid (B, Tk) marks the keys each row may read
-    (padding); None builds no mask. q_to_kv: the local kv head of each local query head."""
+    sees keys 0 .. Tk - Tq + i (Tq == Tk: the usual causal square, as a whole prompt's prefill; Tq == 1: every key;
+    in between: the rejected branch over the prefix). No padding: no mask is built. q_to_kv: the local kv head of
+    each local query head."""
     Tq, Tk = q.shape[2], k.shape[2]
     if Tq == 0:
         return q
     hq, hkv = q.shape[1], k.shape[1]
     uniform = hq % hkv == 0 and torch.equal(q_to_kv, torch.arange(hq) // (hq // hkv))
-    flash = flash_attn_func is not None and flash_applies(q) and key_valid is None
-    lower_right = 1 < Tq < Tk and key_valid is None and not flash
+    flash = flash_attn_func is not None and flash_applies(q)
+    lower_right = 1 < Tq < Tk and not flash
     # an uneven share of a GQA group, or torch's lower-right causal kernels (which take no GQA argument): give
     # each local query head its own copy of its kv head
     if not uniform or lower_right:
@@ -290,10 +290,6 @@ def _attend(q, k, v, q_to_kv, scaling, key_valid=None):
     if flash:  # its causal mask is bottom-right aligned
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                                softmax_scale=scaling).transpose(1, 2)  # (B, Tq, h, D) -> (B, h, Tq, D)
-    if key_valid is not None:  # padded rows: a (B, 1, Tq, Tk) mask; a padding query reads at least its own key
-        mask = _lower_right(Tq, Tk, q.device)[None, None] & (key_valid[:, None, None, :] | torch.eye(
-            Tq, Tk, Tk - Tq, dtype=torch.bool, device=q.device)[None, None])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     if lower_right:
         mask = causal_lower_right(Tq, Tk)  # never materialised on CUDA's fused kernels (CPU builds it)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
@@ -381,7 +377,7 @@ def kv_cache(config, rows, tokens, device, dtype, group=None):
     Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
     D = getattr(config, "head_dim", None) or config.hidden_size // Hq
     P = dist.get_world_size(group) if group is not None else 1
-    shares = head_shares(Hq, Hkv, P)
+    shares = head_shares(Hq, Hkv, P)  # (the cache of a shared prefix: its kv heads read once for every row)
     h = len(shares[1][dist.get_rank(group) if P > 1 else 0])
     shape = (rows, h, tokens, D)
     # zeros, not empty memory: a row shorter than its neighbours is read with its tail masked, and a masked key's
@@ -414,8 +410,9 @@ def cached_attention(query, key, value, cache, layer, scaling, seq_sharded):
     cache.v[layer][:, :, n:n + t] = value
     keys, values = cache.k[layer][:, :, :n + t], cache.v[layer][:, :, :n + t]  # (B, hkv_me, n + t, D): views
     valid = cache.valid[:, :n + t] if cache.valid is not None else None
-    if cache.prefix is None:
-        out = _attend(query, keys, values, q_to_kv[me], scaling, valid)  # (B, hq_me, t, D)
+    if cache.prefix is None:  # a prompt filled alone: no padding (the sampler pads only rows over a prefix)
+        assert valid is None, "a cache with padded rows is read over a prefix (generate._over)"
+        out = _attend(query, keys, values, q_to_kv[me], scaling)  # (B, hq_me, t, D)
     else:  # the prefix's keys all come before the cache's: two attentions, merged by their log-sum-exps
         out, lse = prefix_attention(query, cache.prefix, layer, q_to_kv[me], scaling)
         out, _ = merge_attention(out, lse, *attention_lse(query, keys, values, q_to_kv[me], scaling, valid,
@@ -450,6 +447,8 @@ def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget
     (B, h, Tq, D) and (B, h, Tq) in fp32 (fp64); a query with no key to read gets 0 and -inf."""
     B, h, Tq, D = q.shape
     Bk, hkv, Tk = k.shape[0], k.shape[1], k.shape[2]
+    assert Bk == B or (Bk == 1 and not causal and (key_valid is None or key_valid.shape[0] == 1)), \
+        "keys one row shares with every row are read whole (a prefix): not causal, one row of key_valid"
     acc = torch.promote_types(q.dtype, torch.float32)
     if not (h % hkv == 0 and torch.equal(q_to_kv, torch.arange(h) // (h // hkv))):  # an uneven share of a group
         k, v, hkv = k.index_select(1, q_to_kv.to(k.device)), v.index_select(1, q_to_kv.to(v.device)), h
@@ -459,7 +458,8 @@ def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget
         x = x.transpose(0, 1).reshape(1, hkv, B * g * Tq, D)  # (1, hkv, B·g·Tq, D)
     out = x.new_zeros(*x.shape[:3], v.shape[3])
     lse = x.new_full(x.shape[:3], -math.inf)
-    block = max(1, budget // max(1, x.shape[0] * x.shape[1] * x.shape[2]))
+    # a block of keys: at most budget scores, and its fp32 copy of keys and values at most budget elements too
+    block = max(1, min(budget // max(1, x.shape[0] * x.shape[1] * x.shape[2]), budget // (2 * Bk * hkv * D)))
     visible = _lower_right(Tq, Tk, q.device).repeat(g, 1) if causal else None  # (g·Tq, Tk)
     for s in range(0, Tk, block):
         e = min(s + block, Tk)
@@ -469,7 +469,8 @@ def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid[:, None, None, s:e], -math.inf)
         block_lse = scores.logsumexp(-1)  # (.., queries)
-        p = (scores - block_lse[..., None]).exp().nan_to_num(0.0)  # a query that sees no key here: all 0
+        # a query that sees no key here weighs nothing (its lse is -inf); a NaN from the model stays a NaN
+        p = torch.where(block_lse[..., None] == -math.inf, 0.0, (scores - block_lse[..., None]).exp())
         out, lse = merge_attention(out, lse, p @ v[:, :, s:e].to(acc), block_lse)
     if Bk == 1 and B > 1:
         out, lse = out.view(hkv, B, g * Tq, -1).transpose(0, 1), lse.view(hkv, B, g * Tq).transpose(0, 1)
@@ -480,7 +481,8 @@ def merge_attention(out1, lse1, out2, lse2):
     """The attention over the union of two disjoint key sets from the attention over each: each output weighted by
     its share of the softmax mass, exp(lse) (a set with no key, lse = -inf, weighs 0)."""
     lse = torch.logaddexp(lse1, lse2)
-    w1, w2 = (lse1 - lse).exp().nan_to_num(0.0), (lse2 - lse).exp().nan_to_num(0.0)
+    w1 = torch.where(lse1 == -math.inf, 0.0, (lse1 - lse).exp())  # (-inf - -inf: no key on either side)
+    w2 = torch.where(lse2 == -math.inf, 0.0, (lse2 - lse).exp())
     return out1 * w1[..., None] + out2 * w2[..., None], lse
 
 
@@ -988,11 +990,20 @@ class InputError(ValueError):
     """A user's input is wrong; the message names file:line:field (or the flag). run_script prints it as one line."""
 
 
+class RankError(InputError):
+    """A failure some ranks meet and others do not (a document of one dp group): each rank that meets it prints it,
+    and leaves without a collective the others would never join (torchrun then ends them)."""
+
+
 def run_script(main, *args):
     """A script's entry point: a user's mistake (InputError, or SystemExit with a message) ends in one line on
     stderr, printed once under torchrun (rank 0: every rank reaches the same decision), and exit status 2."""
     try:
         return main(*args)
+    except RankError as e:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        print(f"rank {os.environ.get('RANK', 0)}: {e}" if world > 1 else str(e), file=sys.stderr, flush=True)
+        sys.exit(2)
     except (InputError, SystemExit) as e:
         msg = str(e) if isinstance(e, InputError) else e.code
         if not isinstance(msg, str):  # sys.exit(0) and friends
@@ -1250,8 +1261,7 @@ def memory_plan(config, stage, tokens, sp=1, dp=1, batch=1, dtype="bfloat16", ch
     m = model_shape(config)
     e = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     t = -(-tokens // sp)  # a rank's positions of the sequence
-    shares = head_shares(m.Hq, m.Hkv, sp)
-    hq, hkv = max(len(x) for x in shares[0]), max(len(x) for x in shares[1])  # the largest share, kv copies included
+    hkv = max(len(x) for x in head_shares(m.Hq, m.Hkv, sp)[1])  # the largest share of kv heads, copies included
     qkv = (m.Hq + 2 * m.Hkv) * m.D
     kv_token = m.L * 2 * hkv * m.D * e  # a position of a KV cache, this rank's heads, every layer
     head_fp32 = m.V * m.d * 4 if e < 4 else 0  # an fp32 copy of a bf16 LM head (logits are never rounded to bf16)
@@ -1279,7 +1289,7 @@ def memory_plan(config, stage, tokens, sp=1, dp=1, batch=1, dtype="bfloat16", ch
         prefill = (3 * m.I + 2 * m.d + 2 * qkv) * t * e + exchange  # one layer's forward: the MLP at its product
         terms = [("weights", m.params * e, "the whole model on every rank (a token's MLP is cheap to repeat)"),
                  ("LM head fp32", head_fp32, "the sampler's fp32 copy of a bf16 head")]
-        decode = 2 * SCORE_BUDGET * 4  # attention_lse's scores and softmax, a block of keys at a time
+        decode = 3 * SCORE_BUDGET * 4  # attention_lse's scores, softmax and fp32 keys and values, a block at a time
         if stage == "generate":
             tc = -(-chunk // sp)
             terms += [("chunk caches", rows * (tc * sp + sp) * kv_token, f"{rows} chunks of {chunk} tokens, a cache "
@@ -1350,7 +1360,8 @@ def write_atomic(path, text):
 
 
 def checkpoints(out):
-    return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")))
+    """The checkpoints of out, oldest first (by step: step-1000000 comes after step-999999)."""
+    return sorted(glob.glob(os.path.join(out, "step-[0-9]*[0-9]")), key=lambda p: int(p.rsplit("-", 1)[1]))
 
 
 def file_fingerprint(path):
@@ -1400,11 +1411,15 @@ def check_weights(path, label=None):
     infinity: read one tensor at a time, before any model is built. The three scripts call it first."""
     from safetensors import safe_open
     path = path or default_model_dir()
-    for name in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        with safe_open(name, framework="pt") as f:
-            for key in f.keys():
-                if not torch.isfinite(f.get_tensor(key)).all():
-                    raise SystemExit(f"{label or '--model ' + path}: tensor {key} holds non-finite values")
+    for name in sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))):
+        if name.endswith(".bin"):  # a torch pickle: mapped, not read whole
+            tensors = torch.load(name, map_location="cpu", mmap=True, weights_only=True).items()
+        else:
+            f = safe_open(name, framework="pt")
+            tensors = ((key, f.get_tensor(key)) for key in f.keys())
+        for key, tensor in tensors:
+            if not torch.isfinite(tensor).all():
+                raise SystemExit(f"{label or '--model ' + path}: tensor {key} holds non-finite values")
 
 
 def non_finite_parameter(model, env=None):
@@ -1526,9 +1541,12 @@ def prune_checkpoints(out, keep):
     deleted one that --resume could pick (the next run removes the leftover)."""
     for path in checkpoints(out)[:-keep]:
         trash = os.path.join(out, ".trash-" + os.path.basename(path))
-        os.replace(path, trash)
-        shutil.rmtree(trash)
-        print0(f"removed {path} (--keep_last {keep})")
+        try:
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+            print0(f"removed {path} (--keep_last {keep})")
+        except OSError as e:  # the run goes on: a checkpoint too many is no reason to stop it
+            print0(f"warning: could not remove {path} (--keep_last {keep}): {error_text(e)}")
 
 
 # with the data and the model, what fixes the data order, the objective and the update

@@ -602,6 +602,11 @@ def test_keep_last_removes_old_checkpoints_and_survives_kill_9_at_each_point(tin
     """--keep_last 2 over 5 saves leaves the newest 2, and a kill -9 at each point of a removal (before the old
     checkpoint's rename, after it, halfway through its deletion) leaves a run that --resume finishes with bitwise
     the weights of an uninterrupted one, the leftover removed."""
+    order = tmp_path / "order"
+    for step in (999999, 1000000, 42):  # newest last, by step number (not by name)
+        (order / f"step-{step:06d}").mkdir(parents=True)
+    assert [os.path.basename(c) for c in longpo.checkpoints(str(order))] == ["step-000042", "step-999999",
+                                                                               "step-1000000"]
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     args = [*map(str, train_args(tiny, tmp_path / "cut", "--max_steps", 5, "--save_every", 1, "--keep_last", 2))]
@@ -1095,7 +1100,7 @@ def test_sampler_builds_no_autograd_graph(tiny_models):
     model, tok = load(tiny_models["llama"])
     assert all(p.requires_grad for p in model.parameters())
     ids = torch.tensor([prompts_of(tok, (20,))[0]])
-    cache = G.new_cache(model, 1, 64)
+    cache = G.new_cache(model, 1, ids.shape[1] + 1)  # the prompt and one decoded token
     G.fill(model, cache, ids[:, :-1])
     logits = G.prefill(model, cache, ids[:, -1:], torch.tensor([[ids.shape[1] - 1]]))
     assert not logits.requires_grad and cache.n == ids.shape[1]
@@ -1163,6 +1168,10 @@ def test_attention_over_a_prefix_merges_two_softmaxes_exactly():
                                torch.ones(B, Ts, Tp, dtype=torch.bool))
         out, _ = longpo.attention_lse(q, pk[:1], pv[:1], q_to_kv, 0.3, None, causal=False, budget=5)
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    # a NaN in a key (an overflow in the model) stays a NaN, not a weight of 0: the sampler's check then sees it
+    pk[0, 0, 3, 0] = math.nan
+    out, lse = longpo.attention_lse(q, pk, pv, q_to_kv, 0.3, pre_valid, causal=False, budget=7)
+    assert torch.isnan(out[0]).any() and torch.isnan(lse[0]).any()
 
 
 def test_generation_over_chunk_prefixes_equals_fresh_prefills(tiny_models):
@@ -2175,6 +2184,11 @@ def test_eval_killed_mid_sweep_resumes_its_cells(tiny, tmp_path):
     for rep in (a, b):
         del rep["wall_s"], rep["config"]["json"]
     assert a == b
+    with open(cells, "a") as f:  # a line torn by a crash mid-write: cut off, the rerun goes on from the rest
+        f.write('{"key": "abc", "res')
+    again = subprocess.run(args + ["--json", str(tmp_path / "cut.json")], capture_output=True, text=True, env=env,
+                           cwd=HERE, timeout=300)
+    assert again.returncode == 0 and "8 cell(s) already in" in again.stdout and cells.read_text().endswith("\n")
 
 
 def test_end_to_end_generate_train_eval(pipeline, tmp_path):
