@@ -54,7 +54,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -519,9 +519,9 @@ def check_rendered_text(inputs, tokenizers):
             for k, v in x.items():
                 yield from strings(v, f"{where}.{k}")
 
-    for flag, path in inputs:
+    for option, path in inputs:
         for where, obj in jsonl_objects(path):
-            for key in RENDERED[flag]:
+            for key in RENDERED[option]:
                 for field_name, text in strings(obj.get(key) if isinstance(obj, dict) else None, key):
                     longpo.check_field(longpo.valid_text(text), where, field_name,
                                        "holds a lone surrogate (e.g. \\ud800): not valid Unicode text")
@@ -907,9 +907,9 @@ def main(cfg):
     if os.path.isdir(cfg.json) or not longpo.creatable_dir(os.path.dirname(cfg.json) or "."):
         raise SystemExit(f"--json {cfg.json}: cannot be written (a directory, or under a file)")
     for target in (cfg.json, cfg.json + ".cells.jsonl"):  # an output over an input would replace it
-        for flag in ("task_file", "mc", "short_data"):
-            if getattr(cfg, flag) and os.path.realpath(getattr(cfg, flag)) == os.path.realpath(target):
-                raise SystemExit(f"--json {cfg.json}: {target} is the --{flag} file; it would be overwritten: choose "
+        for option in ("task_file", "mc", "short_data"):
+            if getattr(cfg, option) and os.path.realpath(getattr(cfg, option)) == os.path.realpath(target):
+                raise SystemExit(f"--json {cfg.json}: {target} is the --{option} file; it would be overwritten: choose "
                                  "another --json")
     models = resolve_models(cfg)
     for name, path in models:

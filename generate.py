@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import glob
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -498,9 +497,9 @@ def check_outputs(cfg, files):
             if os.path.realpath(f) == real or os.path.realpath(f).startswith(real + os.sep):
                 raise SystemExit(f"--out {cfg.out}: {target} is (or holds) the corpus's file {f}; the records would "
                                  "replace the corpus: choose another --out")
-        for folder, flag in ((cfg.corpus, "--corpus"), (cfg.model, "--model")):
+        for folder, option in ((cfg.corpus, "--corpus"), (cfg.model, "--model")):
             if folder and os.path.isdir(folder) and real.startswith(os.path.realpath(folder) + os.sep):
-                raise SystemExit(f"--out {cfg.out}: {target} lies inside the {flag} folder {folder}; a rerun would "
+                raise SystemExit(f"--out {cfg.out}: {target} lies inside the {option} folder {folder}; a rerun would "
                                  "read it as input: choose another --out")
 
 

@@ -6,7 +6,6 @@ CPU only; distributed paths run under torchrun with the gloo backend. Tiny rando
 Qwen2 / Llama models and a byte-level BPE tokenizer trained here stand in for real checkpoints.
 """
 
-import copy
 import dataclasses
 import errno
 import itertools
@@ -2726,13 +2725,13 @@ def test_hostile_damaged_checkpoints_are_named(tiny, tmp_path, capsys):
                (lambda d: (d / "longpo_config.json").write_text("{oops"), "longpo_config.json is not a JSON object"),
                (lambda d: shutil.rmtree(d) or d.mkdir(), "it has no longpo_config.json")]
     for k, (damage, message) in enumerate(damages):
-        copy = tmp_path / f"copy{k}"
-        shutil.copytree(out, copy)
-        damage(copy / "step-000002")
-        code, _, err = cli(train_main, [*args, "--out", copy, "--max_steps", 3, "--resume"], capsys)
+        damaged = tmp_path / f"copy{k}"
+        shutil.copytree(out, damaged)
+        damage(damaged / "step-000002")
+        code, _, err = cli(train_main, [*args, "--out", damaged, "--max_steps", 3, "--resume"], capsys)
         line = one_line(err)
-        assert code == 2 and line.startswith(f"--resume: {copy / 'step-000002'} is not a complete checkpoint (")
-        assert message in line and f"{copy / 'step-000001'} is: move" in line, line
+        assert code == 2 and line.startswith(f"--resume: {damaged / 'step-000002'} is not a complete checkpoint (")
+        assert message in line and f"{damaged / 'step-000001'} is: move" in line, line
     p = subprocess.run([sys.executable, *map(str, train_main_args := ["longpo.py", *args, "--out", tmp_path / "copy0",
                                                                       "--max_steps", 3, "--resume"])],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
