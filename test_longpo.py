@@ -1647,7 +1647,7 @@ def test_pipeline_records_and_reference_logps(pipeline):
     assert "dropped: chosen over_window" in counts and "dropped: rejected repetitive" in counts
 
 
-def test_resume_and_sharding_reproduce_the_file(pipeline):
+def test_resume_and_sharding_reproduce_the_file(pipeline, capsys):
     d, path, args = pipeline
     ref = d / "ref.jsonl"
     run_generate(*args, "--out", ref)
@@ -1663,10 +1663,9 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     # a finished run rerun: nothing regenerated, same file
     run_generate(*args, "--out", out)
     assert out.read_bytes() == ref.read_bytes()
-    # other settings on the same parts are refused
-    p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *args, "--out", str(out), "--seed", "1"],
-                       capture_output=True, text=True, cwd=HERE)
-    assert p.returncode and "--seed" in p.stderr
+    # other settings on the same parts are refused (as the command line runs main)
+    code, _, err = cli(G.main, [*args, "--out", out, "--seed", "1"], capsys)
+    assert code and "--seed" in err
     # the corpus is compared by its contents: the same lines by another path resume, the lines shuffled do not
     moved = d / "moved.jsonl"
     moved.write_bytes((d / "corpus.jsonl").read_bytes())
@@ -1674,9 +1673,8 @@ def test_resume_and_sharding_reproduce_the_file(pipeline):
     run_generate(*args_moved, "--out", out)
     assert out.read_bytes() == ref.read_bytes()
     moved.write_text("".join(reversed(open(d / "corpus.jsonl").readlines())))
-    p = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), *map(str, args_moved), "--out", str(out)],
-                       capture_output=True, text=True, cwd=HERE)
-    assert p.returncode == 2 and "other settings (the corpus's contents)" in p.stderr and "Traceback" not in p.stderr
+    code, _, err = cli(G.main, [*args_moved, "--out", out], capsys)
+    assert code == 2 and "other settings (the corpus's contents)" in err and "Traceback" not in err
     # two data-parallel ranks write the same merged file
     sharded = d / "sharded.jsonl"
     torchrun(2, "generate.py", *args, "--out", sharded)
