@@ -70,13 +70,16 @@ SCORE_BUDGET = 1 << 25  # attention scores at once in generation's merged attent
 # config
 
 
-def flag(default, help, ok=None, choices=None):
+def flag(default, help, ok=None, choices=None, why=None):
     """A config field, which is a command-line flag: its default, its --help text (meaning, unit, paper symbol), and
-    the values it accepts: ok(value) holds, or value is one of choices (check_config)."""
-    meta = {"help": help, "ok": ok, "choices": choices}
+    the values it accepts: ok(value) holds, or value is one of choices (check_config); why says what ok requires."""
+    meta = {"help": help, "ok": ok, "choices": choices, "why": why}
     if isinstance(default, list):  # a mutable default: each config its own list
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+SP_WHY = "must be 0 (all ranks) or a positive divisor of the world size"
 
 
 @dataclass
@@ -117,7 +120,8 @@ class Config:
     max_steps: int = flag(-1, "stop after this many optimizer steps; -1 = all epochs", lambda x: x >= -1)
     seed: int = flag(0, "data order (torch's seeds are 64-bit)", lambda x: 0 <= x < 2**63)
     # parallelism and memory
-    sp: int = flag(0, "sequence-parallel group size P; 0 = all ranks; dp = world / sp", lambda x: x >= 0)
+    sp: int = flag(0, "sequence-parallel group size P; 0 = all ranks; dp = world / sp", lambda x: x >= 0,
+                   why=SP_WHY)
     logp_budget: int = flag(LOGP_BUDGET, "logit elements per LM-head chunk (budget // V rows, 128 MB in fp32): never "
                             "(T, V)", lambda x: x >= 1)
     grad_ckpt: bool = flag(True, "activation checkpointing per decoder layer")
@@ -153,7 +157,7 @@ def setup_distributed(sp=0, timeout_min=None):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if sp < 0:
-        raise SystemExit(f"--sp {sp}: must be 0 (all ranks) or a positive divisor of the world size {world}")
+        raise SystemExit(f"--sp {sp}: {SP_WHY} {world}")
     sp = sp or world
     if world % sp:
         raise SystemExit(f"--sp {sp} does not divide the world size {world}")
@@ -983,7 +987,8 @@ def check_config(cfg):
         if choices and value not in choices:
             raise SystemExit(f"--{f.name} must be one of {choices}, got {value!r}")
         if ok and not ok(value):
-            raise SystemExit(f"--{f.name} {value} is out of range")
+            why = f.metadata.get("why")
+            raise SystemExit(f"--{f.name} {value}: {why}" if why else f"--{f.name} {value} is out of range")
 
 
 class InputError(ValueError):
