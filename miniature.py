@@ -74,6 +74,8 @@ class MiniConfig:
     procs: int = flag(2, "processes for generate.py, longpo.py and eval.py (torchrun, one thread each)")
     seed: int = flag(0, "the experiment's data seeds (corpora, generation); the evaluation's are EVAL_SEED")
     long: bool = flag(False, "the longer setting, LONG below: 4x the documents and 2x the epochs, 8x the steps")
+    resume: bool = flag(False, "go on from what a stopped run with the same flags left in --out: each training run "
+                        "from its newest checkpoint, generation from its finished documents")
 
 
 # `python miniature.py --long`: room for the objectives to differ, fixed before any of its results was seen: four
@@ -498,10 +500,13 @@ def experiment(cfg):
     train_flags = ["--rope_theta", str(cfg.rope_theta), "--lr", str(cfg.lr), "--epochs", str(cfg.epochs),
                    "--global_batch", str(cfg.global_batch), "--save_every", str(cfg.curve_every), "--keep_last",
                    "100000", "--grad_ckpt", "false"]
-    for d in ("longpo", "sft", "sft_rejected", "dpo", "longpo_nonll", "longpo_r2"):  # each run from nothing
-        shutil.rmtree(p(d), ignore_errors=True)
-    for f in ("r1.jsonl", "r2.jsonl"):
-        shutil.rmtree(p(f + ".parts"), ignore_errors=True)
+    if cfg.resume:  # longpo.py and generate.py go on bitwise where they stopped (and skip what is finished)
+        train_flags += ["--resume", "true"]
+    else:  # each run from nothing
+        for d in ("longpo", "sft", "sft_rejected", "dpo", "longpo_nonll", "longpo_r2"):
+            shutil.rmtree(p(d), ignore_errors=True)
+        for f in ("r1.jsonl", "r2.jsonl"):
+            shutil.rmtree(p(f + ".parts"), ignore_errors=True)
 
     def generate(model, corpus, data, max_len, tag):
         stages[f"generate {tag}"] = run(["generate.py", "--model", model, "--corpus", corpus, "--out", data,
