@@ -436,6 +436,9 @@ def prefix_attention(query, prefix, layer, q_to_kv, scaling):
     keys, values = prefix.k[layer][:, :, :prefix.n], prefix.v[layer][:, :, :prefix.n]  # (rows, hkv, past, D)
     if prefix.rows is None:
         return attention_lse(query, keys, values, q_to_kv, scaling, prefix.valid, causal=False)
+    if prefix.rows == list(range(len(prefix.rows))):  # row b reads prefix row b: one batched call over a view
+        B = len(prefix.rows)
+        return attention_lse(query, keys[:B], values[:B], q_to_kv, scaling, prefix.valid, causal=False)
     parts = [attention_lse(query[b:b + 1], keys[r:r + 1], values[r:r + 1], q_to_kv, scaling,
                            prefix.valid[b:b + 1] if prefix.valid is not None else None, causal=False)
              for b, r in enumerate(prefix.rows)]  # a row at a time: no rows gathered
@@ -451,6 +454,7 @@ def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget
     (B, h, Tq, D) and (B, h, Tq) in fp32 (fp64); a query with no key to read gets 0 and -inf."""
     B, h, Tq, D = q.shape
     Bk, hkv, Tk = k.shape[0], k.shape[1], k.shape[2]
+    causal = causal and Tq > 1  # one query at the lower right sees every key: no mask
     assert Bk == B or (Bk == 1 and not causal and (key_valid is None or key_valid.shape[0] == 1)), \
         "keys one row shares with every row are read whole (a prefix): not causal, one row of key_valid"
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -460,8 +464,7 @@ def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget
     x = q.to(acc).reshape(B, hkv, g * Tq, D) * scaling  # (B, hkv, g·Tq, D): a group's queries side by side
     if Bk == 1 and B > 1:  # keys shared by the rows: the rows' queries side by side too (no causal order across)
         x = x.transpose(0, 1).reshape(1, hkv, B * g * Tq, D)  # (1, hkv, B·g·Tq, D)
-    out = x.new_zeros(*x.shape[:3], v.shape[3])
-    lse = x.new_full(x.shape[:3], -math.inf)
+    out, lse = None, None
     # a block of keys: at most budget scores, and its fp32 copy of keys and values at most budget elements too
     block = max(1, min(budget // max(1, x.shape[0] * x.shape[1] * x.shape[2]), budget // (2 * Bk * hkv * D)))
     visible = _lower_right(Tq, Tk, q.device).repeat(g, 1) if causal else None  # (g·Tq, Tk)
@@ -475,7 +478,10 @@ def attention_lse(q, k, v, q_to_kv, scaling, key_valid=None, causal=True, budget
         block_lse = scores.logsumexp(-1)  # (.., queries)
         # a query that sees no key here weighs nothing (its lse is -inf); a NaN from the model stays a NaN
         p = torch.where(block_lse[..., None] == -math.inf, 0.0, (scores - block_lse[..., None]).exp())
-        out, lse = merge_attention(out, lse, p @ v[:, :, s:e].to(acc), block_lse)
+        block_out = p @ v[:, :, s:e].to(acc)  # (.., queries, D)
+        out, lse = (block_out, block_lse) if out is None else merge_attention(out, lse, block_out, block_lse)
+    if out is None:  # no key at all
+        out, lse = x.new_zeros(*x.shape[:3], v.shape[3]), x.new_full(x.shape[:3], -math.inf)
     if Bk == 1 and B > 1:
         out, lse = out.view(hkv, B, g * Tq, -1).transpose(0, 1), lse.view(hkv, B, g * Tq).transpose(0, 1)
     return out.reshape(B, h, Tq, -1), lse.reshape(B, h, Tq)  # (B, hkv, g·Tq, D) -> (B, h, Tq, D)

@@ -21,7 +21,7 @@ install() {
 case "${1:-}" in
   test)
     install
-    python -m pytest -q test_longpo.py
+    python -m pytest -q --durations=15 test_longpo.py
     ;;
   pipeline)
     install
