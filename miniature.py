@@ -482,6 +482,9 @@ def experiment(cfg):
     lengths = sweep(W)
     r1_len, r2_len = 4 * W, 8 * W  # round 1: documents of 2W-4W tokens; round 2: 4W-8W (§3.3 doubles the length)
     p = lambda name: os.path.join(out, name)
+    if cfg.resume and os.path.exists(p("results.json")):  # its curves' checkpoints were scored and removed
+        raise SystemExit(f"--resume: {p('results.json')} is there: that run finished (remove it to rerun its "
+                         "evaluation from the stages' last checkpoints, without the curves)")
     # chunks: πS is never asked past its window; the longest short prompt, [chunk; pool prompt] with the template
     # and a pool of generate.py's token budget, must fit in W
     chunk = W - 96
@@ -503,6 +506,8 @@ def experiment(cfg):
     if cfg.resume:  # longpo.py and generate.py go on bitwise where they stopped (and skip what is finished)
         train_flags += ["--resume", "true"]
     else:  # each run from nothing
+        if os.path.exists(p("results.json")):
+            os.remove(p("results.json"))
         for d in ("longpo", "sft", "sft_rejected", "dpo", "longpo_nonll", "longpo_r2"):
             shutil.rmtree(p(d), ignore_errors=True)
         for f in ("r1.jsonl", "r2.jsonl"):

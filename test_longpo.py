@@ -2376,6 +2376,12 @@ def test_miniature_end_to_end_toy(tmp_path):
     assert {k: g[k] for k in again} == again
     assert (out / "scores.png").stat().st_size > 0 and (out / "rewards.png").stat().st_size > 0
     assert "LongPO round 2" in p.stdout
+    # a finished run is not resumed (its curves' checkpoints are gone): one line, nothing changed
+    before = (out / "results.json").read_bytes()
+    p = subprocess.run([sys.executable, "miniature.py", "--out", str(out), "--resume", "true"], capture_output=True,
+                       text=True, cwd=HERE, timeout=120)
+    assert p.returncode != 0 and "that run finished" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert (out / "results.json").read_bytes() == before
 
 
 # -----------------------------------------------------------------------------
