@@ -437,7 +437,7 @@ def prefix_attention(query, prefix, layer, q_to_kv, scaling):
     if prefix.rows is None:
         return attention_lse(query, keys, values, q_to_kv, scaling, prefix.valid, causal=False)
     if prefix.rows == list(range(len(prefix.rows))):  # row b reads prefix row b: one batched call over a view
-        B = len(prefix.rows)
+        B = len(prefix.rows)  # keys[:B]: (B, hkv, past, D), a view of the prefix rows, nothing gathered
         return attention_lse(query, keys[:B], values[:B], q_to_kv, scaling, prefix.valid, causal=False)
     parts = [attention_lse(query[b:b + 1], keys[r:r + 1], values[r:r + 1], q_to_kv, scaling,
                            prefix.valid[b:b + 1] if prefix.valid is not None else None, causal=False)
